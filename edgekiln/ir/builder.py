@@ -125,7 +125,7 @@ class GraphBuilder:
         return self._pool(OpType.MAX_POOL, x, kernel, stride, padding)
 
     def avg_pool(self, x: str, kernel: int, stride: int | None = None, padding: int = 0) -> str:
-        """Average pooling (padding excluded from the count); output shares the input's parameters."""
+        """Average pooling (padding left out of the count); output shares the input's parameters."""
         return self._pool(OpType.AVG_POOL, x, kernel, stride, padding)
 
     def mean(self, x: str, keepdims: bool = False) -> str:

@@ -7,7 +7,8 @@ that need another layout (TFLite is NHWC) convert when they write.
 
 Quantization follows the TFLite int8 scheme (see DESIGN.md):
 
-- activations: int8, asymmetric, per tensor, ``q = clamp(round(x / scale) + zero_point, -128, 127)``;
+- activations: int8, asymmetric, per tensor,
+  ``q = clamp(round(x / scale) + zero_point, -128, 127)``;
 - weights: int8, symmetric, per output channel (axis 0), narrow range ``[-127, 127]``, zero point 0;
 - biases: int32, ``scale[c] = input_scale * weight_scale[c]``, zero point 0.
 
@@ -215,7 +216,7 @@ class Graph:
         return [t for _, t in sorted(self.tensors.items()) if t.is_constant]
 
     def validate(self) -> None:
-        """Check the graph's rules; raise GraphError naming the first tensor or op that breaks one."""
+        """Check the graph's rules; raise GraphError naming the first tensor or op breaking one."""
         from edgekiln.ir.validate import validate_graph
 
         validate_graph(self)

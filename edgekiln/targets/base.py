@@ -65,7 +65,7 @@ class TargetResult:
         return (self.output_scale * (self.outputs.astype(np.float32) - zp)).astype(np.float32)
 
 
-class ChildFailure(RuntimeError):
+class IsolatedRunError(RuntimeError):
     """A runtime's child process crashed, hung or raised; the message says which."""
 
 
@@ -73,7 +73,7 @@ def run_isolated(func: Callable[..., Any], *args: Any, timeout: float = 300.0) -
     """Call ``func(*args)`` in a fresh child process and return its result.
 
     ``func`` must be a module-level function (the child imports it by name). Raises
-    ChildFailure naming the signal for a crash, the limit for a time-out, and the child's
+    IsolatedRunError naming the signal for a crash, the limit for a time-out, and the child's
     exception and traceback for an error.
     """
     ctx = mp.get_context("spawn")
@@ -86,17 +86,17 @@ def run_isolated(func: Callable[..., Any], *args: Any, timeout: float = 300.0) -
             proc.kill()
             proc.join()
             if proc.exitcode is not None and proc.exitcode < 0 and proc.exitcode != -signal.SIGKILL:
-                raise ChildFailure(_signal_message(func, proc.exitcode))
-            raise ChildFailure(f"{_name(func)} did not finish within {timeout:g} s; stopped it")
+                raise IsolatedRunError(_signal_message(func, proc.exitcode))
+            raise IsolatedRunError(f"{_name(func)} did not finish within {timeout:g} s; stopped it")
         status, payload = parent.recv()
     except EOFError:
         proc.join()
-        raise ChildFailure(_signal_message(func, proc.exitcode)) from None
+        raise IsolatedRunError(_signal_message(func, proc.exitcode)) from None
     finally:
         parent.close()
     proc.join()
     if status == "error":
-        raise ChildFailure(f"{_name(func)} failed in its child process: {payload}")
+        raise IsolatedRunError(f"{_name(func)} failed in its child process: {payload}")
     return payload
 
 

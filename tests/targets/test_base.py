@@ -2,7 +2,7 @@
 
 import pytest
 
-from edgekiln.targets.base import ChildFailure, run_isolated
+from edgekiln.targets.base import IsolatedRunError, run_isolated
 from tests.targets import _child_funcs as f
 
 
@@ -11,15 +11,15 @@ def test_result_comes_back():
 
 
 def test_segfault_is_named():
-    with pytest.raises(ChildFailure, match="crashed its child process with SIGSEGV"):
+    with pytest.raises(IsolatedRunError, match="crashed its child process with SIGSEGV"):
         run_isolated(f.segfault)
 
 
 def test_hang_is_stopped():
-    with pytest.raises(ChildFailure, match="did not finish within 1 s"):
+    with pytest.raises(IsolatedRunError, match="did not finish within 1 s"):
         run_isolated(f.hang, timeout=1)
 
 
 def test_error_carries_message():
-    with pytest.raises(ChildFailure, match="ValueError: bad model"):
+    with pytest.raises(IsolatedRunError, match="ValueError: bad model"):
         run_isolated(f.boom)
