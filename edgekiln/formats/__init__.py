@@ -1,0 +1,1 @@
+"""File formats edgekiln reads and writes without the frameworks that made them."""
