@@ -1,0 +1,536 @@
+"""Quantization primitives: specs, scale/zero-point math, fake-quantization, observers.
+
+The file reads top-down in layers, each using only the ones above it:
+
+1. :class:`QuantSpec`, the integer grid (bits, symmetric or not, per channel or not).
+2. :func:`compute_qparams`, the TFLite rule from an observed range to ``(scale, zero_point)``.
+3. :func:`fake_quantize`, quantize-dequantize with a straight-through gradient.
+4. Observers (:class:`MinMaxObserver`, :class:`MovingAverageMinMaxObserver`) that track a range in
+   buffers, so a ``state_dict`` carries them.
+5. :class:`FakeQuantizer`, the module that observes then fake-quantizes; one instance may be shared
+   by several graph points (max pool, reshape and concatenation carry their input's parameters).
+
+The scheme is TFLite's int8 scheme (see ``DESIGN.md``): weights symmetric, per output channel,
+narrow range [-127, 127], zero point 0; activations asymmetric, per tensor, [-128, 127].
+
+Distributed training: when ``torch.distributed`` is initialized, observers all-reduce the range of
+every observation (MIN of mins, MAX of maxes) so that every rank computes the same parameters.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "ACTIVATION_SPEC",
+    "MIN_SCALE",
+    "WEIGHT_SPEC",
+    "FakeQuantizer",
+    "MinMaxObserver",
+    "MovingAverageMinMaxObserver",
+    "Observer",
+    "ObserverKind",
+    "QuantSpec",
+    "activation_spec",
+    "compute_qparams",
+    "fake_quantize",
+    "make_observer",
+    "weight_spec",
+]
+
+logger = logging.getLogger(__name__)
+
+MIN_SCALE: float = float(torch.finfo(torch.float32).eps)
+"""Smallest scale :func:`compute_qparams` returns (float32 machine epsilon, 2**-23 ≈ 1.19e-07).
+
+A constant tensor (for example an all-zero ReLU output, or a pruned-away filter) has a zero range;
+dividing by a zero scale would give NaN, so the scale is floored here, as PyTorch's observers do.
+"""
+
+
+# 1. The integer grid ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How to quantize: a signed ``bits``-bit grid, symmetric or affine, per channel or not
+
+    Args:
+        bits: Width of the signed integer grid, 2 to 8.
+        symmetric: Zero point fixed at 0 and the range centred on 0 (TFLite weights).
+        per_channel: One scale per slice along ``axis`` (TFLite weights: per output channel).
+        axis: The channel dimension when ``per_channel`` (0 for conv and linear weights).
+        narrow_range: Drop the most negative code, so int8 spans [-127, 127] (TFLite weights).
+
+    Raises:
+        ValueError: ``bits`` outside 2..8, a negative ``axis``, or a non-bool flag.
+
+    >>> WEIGHT_SPEC.qmin, WEIGHT_SPEC.qmax
+    (-127, 127)
+    >>> ACTIVATION_SPEC.qmin, ACTIVATION_SPEC.qmax
+    (-128, 127)
+    >>> QuantSpec(4, symmetric=True, narrow_range=True).qmax
+    7
+    """
+
+    bits: int = 8
+    symmetric: bool = False
+    per_channel: bool = False
+    axis: int = 0
+    narrow_range: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int):
+            raise ValueError(f"QuantSpec.bits must be an int from 2 to 8, got {self.bits!r}")
+        if not 2 <= self.bits <= 8:
+            raise ValueError(
+                f"QuantSpec.bits={self.bits} is not supported: allowed 2 to 8 "
+                "(int8 kernels carry at most 8 bits)"
+            )
+        if isinstance(self.axis, bool) or not isinstance(self.axis, int) or self.axis < 0:
+            raise ValueError(
+                f"QuantSpec.axis must be a non-negative int (0: output channels), got {self.axis!r}"
+            )
+        for field in ("symmetric", "per_channel", "narrow_range"):
+            value = getattr(self, field)
+            if not isinstance(value, bool):
+                raise ValueError(f"QuantSpec.{field} must be True or False, got {value!r}")
+
+    @property
+    def qmin(self) -> int:
+        """Smallest integer code: -2**(bits-1), plus one with ``narrow_range``."""
+        return -(2 ** (self.bits - 1)) + (1 if self.narrow_range else 0)
+
+    @property
+    def qmax(self) -> int:
+        """Largest integer code: 2**(bits-1) - 1."""
+        return 2 ** (self.bits - 1) - 1
+
+
+WEIGHT_SPEC = QuantSpec(8, symmetric=True, per_channel=True, axis=0, narrow_range=True)
+"""TFLite int8 weights: symmetric, per output channel (axis 0), [-127, 127], zero point 0."""
+
+ACTIVATION_SPEC = QuantSpec(8, symmetric=False, per_channel=False, narrow_range=False)
+"""TFLite int8 activations: asymmetric, per tensor, [-128, 127]."""
+
+
+def weight_spec(bits: int = 8) -> QuantSpec:
+    """The weight scheme (symmetric, per output channel, narrow range) at ``bits`` bits.
+
+    >>> weight_spec(4).qmin, weight_spec(4).qmax
+    (-7, 7)
+    """
+    return QuantSpec(bits, symmetric=True, per_channel=True, axis=0, narrow_range=True)
+
+
+def activation_spec(bits: int = 8) -> QuantSpec:
+    """The activation scheme (asymmetric, per tensor, full range) at ``bits`` bits.
+
+    >>> activation_spec(4).qmin, activation_spec(4).qmax
+    (-8, 7)
+    """
+    return QuantSpec(bits, symmetric=False, per_channel=False, narrow_range=False)
+
+
+# 2. From a range to (scale, zero_point) -----------------------------------------------------------
+
+
+def _round_half_away(x: Tensor) -> Tensor:
+    """Round half away from zero, as ``TfLiteRound`` does (``torch.round`` rounds half to even)."""
+    return torch.sign(x) * torch.floor(torch.abs(x) + 0.5)
+
+
+def compute_qparams(min_val: Tensor, max_val: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
+    """TFLite quantization parameters for the range ``[min_val, max_val]``.
+
+    The range is first widened to include 0, so that 0.0 (padding, ReLU's floor, pruned weights) is
+    exactly representable. Then:
+
+    - symmetric: ``scale = max(|min|, |max|) / qmax``, ``zero_point = 0``;
+    - asymmetric: ``scale = (max - min) / (qmax - qmin)``,
+      ``zero_point = clamp(qmin - round(min / scale), qmin, qmax)``, rounding half away from zero
+      (TFLite's nudging).
+
+    A zero range gives ``scale = MIN_SCALE`` (float32 epsilon), never 0 or NaN.
+
+    Args:
+        min_val: Observed minimum, shape ``()`` per tensor or ``(C,)`` per channel.
+        max_val: Observed maximum, same shape as ``min_val``.
+        spec: The integer grid.
+
+    Returns:
+        ``(scale, zero_point)``: float32 and int32 tensors of the shape of ``min_val``.
+
+    Raises:
+        ValueError: The shapes differ, a bound is not finite, or ``min_val > max_val``.
+
+    >>> scale, zp = compute_qparams(torch.tensor(-1.0), torch.tensor(3.0), ACTIVATION_SPEC)
+    >>> round(scale.item(), 6), zp.item()
+    (0.015686, -64)
+    >>> scale, zp = compute_qparams(torch.tensor([-0.5, 0.0]), torch.tensor([0.254, 0.0]),
+    ...                             WEIGHT_SPEC)
+    >>> [round(v, 6) for v in scale.tolist()], zp.tolist()  # 0.5 / 127; a zero range: MIN_SCALE
+    ([0.003937, 0.0], [0, 0])
+    """
+    if min_val.shape != max_val.shape:
+        raise ValueError(
+            f"compute_qparams needs min_val and max_val of one shape, got "
+            f"{tuple(min_val.shape)} and {tuple(max_val.shape)}"
+        )
+    if not (torch.isfinite(min_val).all() and torch.isfinite(max_val).all()):
+        raise ValueError(
+            "compute_qparams got a non-finite range (min "
+            f"{min_val.tolist()}, max {max_val.tolist()}): observe finite data first"
+        )
+    if bool((min_val > max_val).any()):
+        raise ValueError(
+            f"compute_qparams needs min_val <= max_val, got min {min_val.tolist()} "
+            f"and max {max_val.tolist()}"
+        )
+    min_val = torch.clamp(min_val.float(), max=0.0)  # widened to include 0
+    max_val = torch.clamp(max_val.float(), min=0.0)
+    if spec.symmetric:
+        scale = torch.maximum(-min_val, max_val) / spec.qmax  # float32, shape of min_val
+        scale = torch.clamp(scale, min=MIN_SCALE)
+        zero_point = torch.zeros_like(scale, dtype=torch.int32)
+        return scale, zero_point
+    scale = (max_val - min_val) / float(spec.qmax - spec.qmin)  # float32, shape of min_val
+    scale = torch.clamp(scale, min=MIN_SCALE)
+    zero_point = spec.qmin - _round_half_away(min_val / scale)
+    zero_point = torch.clamp(zero_point, spec.qmin, spec.qmax).to(torch.int32)  # int32
+    return scale, zero_point
+
+
+# 3. Quantize-dequantize ---------------------------------------------------------------------------
+
+
+def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSpec) -> Tensor:
+    """Quantize ``x`` onto the grid of ``spec`` and back, with a straight-through gradient.
+
+    Values equal ``torch.fake_quantize_per_channel_affine`` (per channel) or
+    ``torch.fake_quantize_per_tensor_affine`` (per tensor), which this calls: ``x / scale`` is
+    rounded half to even, shifted by the zero point and clamped to ``[qmin, qmax]``. The gradient is
+    1 where ``x`` lies inside the representable range and 0 outside, as in those ops.
+
+    Args:
+        x: Float tensor.
+        scale: float32, shape ``()`` or ``(C,)`` with ``C = x.shape[spec.axis]`` per channel.
+        zero_point: Integer tensor of the shape of ``scale``.
+        spec: The integer grid.
+
+    Returns:
+        A tensor of the shape and dtype of ``x``.
+
+    >>> spec = QuantSpec(4, symmetric=True, narrow_range=True)  # per tensor, [-7, 7]
+    >>> fake_quantize(torch.tensor([0.04, 0.26, 9.0]), torch.tensor(0.1),
+    ...               torch.tensor(0, dtype=torch.int32), spec).tolist()
+    [0.0, 0.30000001192092896, 0.699999988079071]
+    """
+    scale = scale.to(device=x.device, dtype=torch.float32)
+    zero_point = zero_point.to(device=x.device, dtype=torch.int32)
+    if spec.per_channel:
+        return torch.fake_quantize_per_channel_affine(
+            x, scale, zero_point, spec.axis, spec.qmin, spec.qmax
+        )
+    return torch.fake_quantize_per_tensor_affine(
+        x, scale.reshape(()), zero_point.reshape(()), spec.qmin, spec.qmax
+    )
+
+
+# 4. Observers -------------------------------------------------------------------------------------
+
+
+class ObserverKind(enum.Enum):
+    """Which observer tracks a range; strings are turned into these at the public edge."""
+
+    MINMAX = "minmax"
+    """Running min and max over everything observed."""
+    MOVING_AVERAGE = "moving_average"
+    """Exponential moving average of each batch's min and max (activations)."""
+    LAST_VALUE = "last_value"
+    """The min and max of the latest observation only (weights; TF-MOT's LastValueQuantizer)."""
+
+    @classmethod
+    def parse(cls, value: ObserverKind | str) -> ObserverKind:
+        """Turn ``"minmax"``, ``"moving_average"`` or ``"last_value"`` into an ObserverKind.
+
+        >>> ObserverKind.parse("minmax")
+        <ObserverKind.MINMAX: 'minmax'>
+        """
+        if isinstance(value, cls):
+            return value
+        allowed = ", ".join(repr(k.value) for k in cls)
+        if isinstance(value, str):
+            for kind in cls:
+                if kind.value == value:
+                    return kind
+        raise ValueError(f"observer={value!r} is not known: allowed {allowed}")
+
+
+class Observer(nn.Module):
+    """Base of the range observers; the range lives in buffers ``min_val`` and ``max_val``.
+
+    Buffers start as ``+inf`` / ``-inf`` with shape ``()``; a per-channel observer takes shape
+    ``(C,)`` at its first observation (and on ``load_state_dict``). ``frozen`` is a bool buffer.
+    """
+
+    min_val: Tensor
+    max_val: Tensor
+    frozen: Tensor
+
+    def __init__(self, spec: QuantSpec) -> None:
+        super().__init__()
+        if not isinstance(spec, QuantSpec):
+            raise TypeError(f"{type(self).__name__} needs a QuantSpec, got {spec!r}")
+        self.spec = spec
+        self.register_buffer("min_val", torch.tensor(float("inf")))
+        self.register_buffer("max_val", torch.tensor(float("-inf")))
+        self.register_buffer("frozen", torch.tensor(False))
+
+    def extra_repr(self) -> str:
+        return f"spec={self.spec}"
+
+    @property
+    def observed(self) -> bool:
+        """True once data has been observed (the range is finite)."""
+        return bool(torch.isfinite(self.min_val).all() and torch.isfinite(self.max_val).all())
+
+    def freeze(self) -> None:
+        """Stop updating the range; :meth:`observe` becomes a no-op."""
+        self.frozen.fill_(True)
+
+    def unfreeze(self) -> None:
+        """Resume updating the range."""
+        self.frozen.fill_(False)
+
+    def batch_range(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Min and max of ``x``: over all of it, or per channel over every dim but ``spec.axis``."""
+        x = x.detach()
+        if self.spec.per_channel:
+            if x.dim() <= self.spec.axis:
+                raise ValueError(
+                    f"{type(self).__name__}: per-channel axis {self.spec.axis} does not exist in "
+                    f"a tensor of shape {tuple(x.shape)}; use a per-tensor QuantSpec"
+                )
+            x = x.transpose(0, self.spec.axis).reshape(x.shape[self.spec.axis], -1)
+            min_val, max_val = torch.aminmax(x, dim=1)
+        else:
+            min_val, max_val = torch.aminmax(x)
+        return _all_reduce_range(min_val.float(), max_val.float())
+
+    @torch.no_grad()
+    def observe(self, x: Tensor) -> None:
+        """Update the range with ``x`` unless frozen."""
+        if bool(self.frozen):
+            return
+        min_val, max_val = self.batch_range(x)
+        if not self.observed or self.min_val.shape != min_val.shape:
+            self._set(min_val, max_val)
+        else:
+            self._update(min_val, max_val)
+
+    def _set(self, min_val: Tensor, max_val: Tensor) -> None:
+        self.min_val = min_val.clone()
+        self.max_val = max_val.clone()
+
+    def _update(self, min_val: Tensor, max_val: Tensor) -> None:
+        raise NotImplementedError
+
+    def qparams(self) -> tuple[Tensor, Tensor]:
+        """``(scale, zero_point)`` of the observed range (see :func:`compute_qparams`).
+
+        Raises:
+            RuntimeError: Nothing was observed yet.
+        """
+        if not self.observed:
+            raise RuntimeError(
+                f"{type(self).__name__} has not observed any data, so it has no scale: pass data "
+                "through the model in training mode (calibration) before asking for qparams"
+            )
+        return compute_qparams(self.min_val, self.max_val, self.spec)
+
+    def _load_from_state_dict(  # type: ignore[no-untyped-def]
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        # A per-channel range takes shape (C,) only once observed: adopt the saved shape.
+        for name in ("min_val", "max_val"):
+            key = prefix + name
+            if key in state_dict and state_dict[key].shape != getattr(self, name).shape:
+                setattr(self, name, torch.empty_like(state_dict[key]))
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+
+def _all_reduce_range(min_val: Tensor, max_val: Tensor) -> tuple[Tensor, Tensor]:
+    """Make a range identical on every rank (no-op unless torch.distributed is initialized)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(min_val, op=dist.ReduceOp.MIN)
+        dist.all_reduce(max_val, op=dist.ReduceOp.MAX)
+    return min_val, max_val
+
+
+class MinMaxObserver(Observer):
+    """Running min and max over everything observed.
+
+    >>> obs = MinMaxObserver(ACTIVATION_SPEC)
+    >>> obs.observe(torch.tensor([-1.0, 2.0])); obs.observe(torch.tensor([0.5, 3.0]))
+    >>> obs.min_val.item(), obs.max_val.item()
+    (-1.0, 3.0)
+    """
+
+    def _update(self, min_val: Tensor, max_val: Tensor) -> None:
+        torch.minimum(self.min_val, min_val, out=self.min_val)
+        torch.maximum(self.max_val, max_val, out=self.max_val)
+
+
+class MovingAverageMinMaxObserver(Observer):
+    """Exponential moving average of each observation's min and max.
+
+    ``min <- min + averaging_constant * (batch_min - min)``; the first observation is taken as is.
+    ``averaging_constant=1.0`` keeps the latest observation only (the "last value" observer).
+
+    Raises:
+        ValueError: ``averaging_constant`` outside (0, 1].
+
+    >>> obs = MovingAverageMinMaxObserver(ACTIVATION_SPEC, averaging_constant=0.5)
+    >>> obs.observe(torch.tensor([-1.0, 2.0])); obs.observe(torch.tensor([0.0, 4.0]))
+    >>> obs.min_val.item(), obs.max_val.item()
+    (-0.5, 3.0)
+    """
+
+    def __init__(self, spec: QuantSpec, averaging_constant: float = 0.01) -> None:
+        super().__init__(spec)
+        if not 0.0 < averaging_constant <= 1.0:
+            raise ValueError(
+                f"averaging_constant={averaging_constant!r} must be in (0, 1]: 0.01 averages over "
+                "about 100 batches, 1.0 keeps the last batch only"
+            )
+        self.averaging_constant = float(averaging_constant)
+
+    def extra_repr(self) -> str:
+        return f"spec={self.spec}, averaging_constant={self.averaging_constant}"
+
+    def _update(self, min_val: Tensor, max_val: Tensor) -> None:
+        if self.averaging_constant == 1.0:
+            self.min_val.copy_(min_val)
+            self.max_val.copy_(max_val)
+            return
+        self.min_val.add_(min_val - self.min_val, alpha=self.averaging_constant)
+        self.max_val.add_(max_val - self.max_val, alpha=self.averaging_constant)
+
+
+def make_observer(kind: ObserverKind | str, spec: QuantSpec) -> Observer:
+    """Build the observer named by ``kind`` ("minmax", "moving_average" or "last_value").
+
+    >>> make_observer("last_value", WEIGHT_SPEC).averaging_constant
+    1.0
+    """
+    kind = ObserverKind.parse(kind)
+    if kind is ObserverKind.MINMAX:
+        return MinMaxObserver(spec)
+    if kind is ObserverKind.LAST_VALUE:
+        return MovingAverageMinMaxObserver(spec, averaging_constant=1.0)
+    return MovingAverageMinMaxObserver(spec)
+
+
+# 5. The fake quantizer module ---------------------------------------------------------------------
+
+
+class FakeQuantizer(nn.Module):
+    """Observe, then fake-quantize with the observed range.
+
+    - Training mode, observer not frozen: observe ``x`` (no gradient), then fake-quantize with the
+      parameters of the range so far.
+    - Eval mode (or frozen): fake-quantize with the stored parameters.
+    - ``enabled`` False: return ``x`` unchanged (still observing in training): float warm-up.
+
+    ``freeze_after=N`` freezes the observer after N training forwards (counted in the ``steps``
+    buffer). A shared instance counts the calls of every graph point that uses it. Nothing here
+    assumes a single caller: several graph points may share one instance and so one scale.
+
+    Args:
+        spec: The integer grid (default: activations).
+        observer: An observer kind ("minmax", "moving_average", "last_value") or an Observer.
+        freeze_after: Training forwards after which the observer freezes; None never.
+
+    Raises:
+        ValueError: ``freeze_after`` not a positive int, or an unknown observer kind.
+
+    >>> fq = FakeQuantizer(ACTIVATION_SPEC, observer="minmax")
+    >>> fq(torch.tensor([-1.0, 0.3, 3.0])).tolist()  # scale 4/255, zero point -64
+    [-1.003921627998352, 0.2980392277240753, 2.9960784912109375]
+    >>> fq.eval()(torch.tensor([4.0])).tolist()  # clamped to the calibrated range
+    [2.9960784912109375]
+    """
+
+    enabled: Tensor
+    steps: Tensor
+
+    def __init__(
+        self,
+        spec: QuantSpec = ACTIVATION_SPEC,
+        observer: Observer | ObserverKind | str = ObserverKind.MOVING_AVERAGE,
+        freeze_after: int | None = None,
+    ) -> None:
+        super().__init__()
+        if freeze_after is not None and (
+            isinstance(freeze_after, bool) or not isinstance(freeze_after, int) or freeze_after < 1
+        ):
+            raise ValueError(
+                f"freeze_after={freeze_after!r} must be a positive int (training forwards) or None"
+            )
+        self.spec = spec
+        self.observer = (
+            observer if isinstance(observer, Observer) else make_observer(observer, spec)
+        )
+        self.freeze_after = freeze_after
+        self.register_buffer("enabled", torch.tensor(True))
+        self.register_buffer("steps", torch.tensor(0, dtype=torch.int64))
+
+    def extra_repr(self) -> str:
+        return f"spec={self.spec}, freeze_after={self.freeze_after}"
+
+    @property
+    def observed(self) -> bool:
+        """True once the observer has seen data."""
+        return self.observer.observed
+
+    def enable(self, enabled: bool = True) -> None:
+        """Turn fake-quantization on (or off: pass-through, still observing in training)."""
+        self.enabled.fill_(enabled)
+
+    def freeze(self) -> None:
+        """Freeze the observer: the scale and zero point stop moving."""
+        self.observer.freeze()
+
+    def unfreeze(self) -> None:
+        """Let the observer update again."""
+        self.observer.unfreeze()
+
+    def qparams(self) -> tuple[Tensor, Tensor]:
+        """``(scale, zero_point)``: float32 and int32, shape ``()`` or ``(C,)``."""
+        return self.observer.qparams()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training and not bool(self.observer.frozen):
+            self.observer.observe(x)
+            self.steps += 1
+            if self.freeze_after is not None and int(self.steps) >= self.freeze_after:
+                self.observer.freeze()
+                logger.debug("observer frozen after %d training forwards", int(self.steps))
+        if not bool(self.enabled):
+            return x
+        if not self.observer.observed:
+            raise RuntimeError(
+                "FakeQuantizer has no scale yet: it is in eval mode (or frozen) and never observed "
+                "data. Calibration data must pass through the model in training mode first."
+            )
+        scale, zero_point = self.observer.qparams()
+        return fake_quantize(x, scale, zero_point, self.spec)
