@@ -1,0 +1,302 @@
+"""``prepare``: turn a float model into one that trains what the int8 device will compute.
+
+Steps, in order:
+
+1. trace the model with ``torch.fx`` (a copy: the user's model is left as it was);
+2. fold every BatchNorm into the conv or linear before it (eval-mode statistics);
+3. put the recipe's constraints on every Conv1d, Conv2d and Linear kernel;
+4. insert activation quantizers wherever the int8 scheme quantizes a tensor: after the
+   input, after each conv / linear / add (after its ReLU when one follows, so the output
+   range absorbs it), and after average pooling and means. Ops whose int8 kernels need equal
+   input and output parameters (max pool, average pool, mean, reshape, pad, concatenation)
+   get no parameters of their own: they share one quantizer with their inputs, so the
+   trained model already computes what the device computes. Softmax outputs get TFLite's
+   fixed parameters (scale 1/256, zero point -128).
+
+``capture`` reads the prepared model back through the same classification
+(``edgekiln.pipeline.ops``).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, fx, nn
+
+from edgekiln.pipeline.constraints import constrain
+from edgekiln.pipeline.ops import (
+    FUSABLE_ROLES,
+    NEW_VALUE_ROLES,
+    SHARED_REQUANT_ROLES,
+    SHARED_ROLES,
+    Role,
+    classify,
+    unsupported,
+)
+from edgekiln.pipeline.quant import FakeQuantizer, activation_spec, fake_quantize
+from edgekiln.pipeline.recipe import Recipe
+
+SOFTMAX_SCALE = 1.0 / 256.0
+SOFTMAX_ZERO_POINT = -128
+
+
+class ActivationQuant(nn.Module):
+    """A point in the graph where an activation is quantized.
+
+    Several points may share one ``FakeQuantizer`` (and so one scale and zero point). Only
+    points that make a new value observe; points after average pooling and means round onto
+    the shared grid without widening it.
+    """
+
+    _edgekiln_quant = True
+
+    def __init__(self, quantizer: FakeQuantizer, observe: bool = True) -> None:
+        super().__init__()
+        self.quantizer = quantizer
+        self.observe = observe
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.observe:
+            return self.quantizer(x)
+        if not bool(self.quantizer.enabled):
+            return x
+        scale, zero_point = self.quantizer.qparams()
+        return fake_quantize(x, scale, zero_point, self.quantizer.spec)
+
+    def qparams(self) -> tuple[Tensor, Tensor]:
+        """``(scale, zero_point)`` of the shared quantizer, float32 and int32, shape ``()``."""
+        return self.quantizer.qparams()
+
+
+class FixedQuant(nn.Module):
+    """Quantization with fixed parameters (softmax outputs: scale 1/256, zero point -128)."""
+
+    _edgekiln_quant = True
+
+    def __init__(self, scale: float, zero_point: int, bits: int = 8) -> None:
+        super().__init__()
+        self.spec = activation_spec(bits)
+        self.register_buffer("scale", torch.tensor(scale, dtype=torch.float32))
+        self.register_buffer("zero_point", torch.tensor(zero_point, dtype=torch.int32))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return fake_quantize(x, self.scale, self.zero_point, self.spec)
+
+    def qparams(self) -> tuple[Tensor, Tensor]:
+        """The fixed ``(scale, zero_point)``."""
+        return self.scale, self.zero_point
+
+
+def prepare(
+    model: nn.Module,
+    example_inputs: Tensor | Sequence[Tensor],
+    recipe: Recipe | None = None,
+) -> fx.GraphModule:
+    """A copy of ``model`` with BatchNorm folded, kernels constrained and activations quantized.
+
+    ``recipe=None`` means int8 QAT without sparsity. Train the result with an ordinary loop;
+    its observers calibrate in training mode. ``example_inputs`` (a batch, or a tuple of
+    them) fixes the input shape that ``capture`` will use.
+
+    >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten())
+    >>> prepared = prepare(net, torch.zeros(2, 1, 5, 5))
+    >>> [n.name for n in prepared.graph.nodes]
+    ['input_1', 'input_1_quant', '_0', '_2', '_2_quant', '_3', 'output']
+    """
+    recipe = recipe or Recipe()
+    inputs = _as_tuple(example_inputs)
+    gm = _trace(copy.deepcopy(model))
+    gm.eval()
+    _fold_batch_norms(gm)
+    _constrain_kernels(gm, recipe)
+    _insert_quantizers(gm, recipe)
+    gm.graph.lint()
+    gm.recompile()
+    gm.meta_input_shapes = [tuple(x.shape[1:]) for x in inputs]  # type: ignore[attr-defined]
+    gm.train(model.training)
+    return gm
+
+
+def _as_tuple(example_inputs: Tensor | Sequence[Tensor]) -> tuple[Tensor, ...]:
+    if isinstance(example_inputs, Tensor):
+        return (example_inputs,)
+    inputs = tuple(example_inputs)
+    if not inputs or not all(isinstance(x, Tensor) for x in inputs):
+        raise TypeError(
+            "example_inputs must be a tensor or a tuple of tensors (a batch shaped like the "
+            f"model's input), got {type(example_inputs).__name__}"
+        )
+    return inputs
+
+
+def _trace(model: nn.Module) -> fx.GraphModule:
+    tracer = fx.Tracer()
+    tracer.record_stack_traces = True
+    try:
+        graph = tracer.trace(model)
+    except Exception as e:
+        raise ValueError(
+            f"torch.fx could not trace {type(model).__name__}: {e}. edgekiln's prepare needs a "
+            "model without data-dependent control flow in forward (no `if` on tensor values)"
+        ) from e
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def _fold_batch_norms(gm: fx.GraphModule) -> None:
+    """Fold each BatchNorm into the single-use conv or linear feeding it, then drop it."""
+    modules = dict(gm.named_modules())
+    for node in list(gm.graph.nodes):
+        info = classify(node, modules)
+        if info.role != Role.BATCH_NORM:
+            continue
+        source = node.args[0]
+        producer = classify(source, modules) if isinstance(source, fx.Node) else None
+        if producer is None or producer.role != Role.WEIGHTED or len(source.users) != 1:
+            raise unsupported(
+                node,
+                type(info.module).__name__ + " not directly after a conv or linear",
+                hint="put each BatchNorm right after the conv or linear it normalizes",
+            )
+        fold_batch_norm(producer.module, info.module)  # type: ignore[arg-type]
+        node.replace_all_uses_with(source)
+        gm.graph.erase_node(node)
+        _delete_submodule(gm, str(node.target))
+
+
+def fold_batch_norm(layer: nn.Module, bn: nn.Module) -> None:
+    """Fold ``bn``'s eval-mode affine transform into ``layer``'s weight and bias, in place.
+
+    ``w' = w * gamma / sqrt(var + eps)`` per output channel and
+    ``b' = (b - mean) * gamma / sqrt(var + eps) + beta``.
+    """
+    if not isinstance(bn, nn.BatchNorm1d | nn.BatchNorm2d) or bn.running_var is None:
+        raise ValueError(f"{type(bn).__name__} without running statistics cannot be folded")
+    weight = layer.weight  # type: ignore[union-attr]
+    if weight.shape[0] != bn.num_features:
+        raise ValueError(
+            f"BatchNorm over {bn.num_features} features follows a layer with "
+            f"{weight.shape[0]} output channels"
+        )
+    with torch.no_grad():
+        factor = bn.running_var.add(bn.eps).rsqrt()  # (C_out,)
+        if bn.weight is not None:
+            factor = factor * bn.weight
+        bias = layer.bias if layer.bias is not None else torch.zeros_like(bn.running_mean)
+        new_bias = (bias - bn.running_mean) * factor
+        if bn.bias is not None:
+            new_bias = new_bias + bn.bias
+        shape = (-1,) + (1,) * (weight.dim() - 1)
+        layer.weight = nn.Parameter(weight * factor.reshape(shape))
+        layer.bias = nn.Parameter(new_bias)
+
+
+def _delete_submodule(gm: fx.GraphModule, target: str) -> None:
+    if not any(n.op == "call_module" and n.target == target for n in gm.graph.nodes):
+        gm.delete_submodule(target)
+
+
+def _constrain_kernels(gm: fx.GraphModule, recipe: Recipe) -> None:
+    modules = dict(gm.named_modules())
+    seen: set[int] = set()
+    for node in gm.graph.nodes:
+        info = classify(node, modules)
+        if info.role == Role.WEIGHTED and id(info.module) not in seen:
+            seen.add(id(info.module))
+            constrain(info.module, *recipe.weight_constraints())
+
+
+class _Groups:
+    """Union-find over graph nodes: nodes in one group share one quantizer."""
+
+    def __init__(self) -> None:
+        self.parent: dict[fx.Node, fx.Node] = {}
+
+    def find(self, node: fx.Node) -> fx.Node:
+        self.parent.setdefault(node, node)
+        while self.parent[node] is not node:
+            self.parent[node] = self.parent[self.parent[node]]
+            node = self.parent[node]
+        return node
+
+    def union(self, a: fx.Node, b: fx.Node) -> None:
+        self.parent[self.find(a)] = self.find(b)
+
+
+def _insert_quantizers(gm: fx.GraphModule, recipe: Recipe) -> None:
+    modules = dict(gm.named_modules())
+    roles = {node: classify(node, modules).role for node in gm.graph.nodes}
+    groups = _Groups()
+    points: list[tuple[fx.Node, bool]] = []  # (node after which to quantize, observes)
+    fixed: list[fx.Node] = []
+    for node, role in roles.items():
+        tensor_args = [a for a in _flat_args(node) if roles.get(a) not in (None, Role.SHAPE)]
+        if role in NEW_VALUE_ROLES:
+            points.append((_fused_end(node, roles), True))
+        elif role == Role.ACTIVATION:
+            source = tensor_args[0]
+            if roles[source] not in FUSABLE_ROLES or len(source.users) != 1:
+                raise unsupported(
+                    node,
+                    "ReLU / ReLU6 not directly after a conv, linear or add",
+                    hint="apply the activation right after the conv, linear or residual add "
+                    "(its int8 kernel fuses it)",
+                )
+            _check_activation(node, modules)
+            groups.union(node, source)
+        elif role in SHARED_ROLES or role in SHARED_REQUANT_ROLES or role == Role.CONCAT:
+            for arg in tensor_args:
+                groups.union(node, arg)
+            if role in SHARED_REQUANT_ROLES:
+                points.append((node, False))
+        elif role == Role.SOFTMAX:
+            fixed.append(node)
+    quantizers: dict[fx.Node, FakeQuantizer] = {}
+    for node, observes in points:
+        root = groups.find(node)
+        if root not in quantizers:
+            quantizers[root] = FakeQuantizer(
+                activation_spec(recipe.activation_bits),
+                observer=recipe.observer,
+                freeze_after=recipe.freeze_observers_after,
+            )
+        _insert_after(gm, node, f"{node.name}_quant", ActivationQuant(quantizers[root], observes))
+    for node in fixed:
+        _insert_after(
+            gm,
+            node,
+            f"{node.name}_quant",
+            FixedQuant(SOFTMAX_SCALE, SOFTMAX_ZERO_POINT, recipe.activation_bits),
+        )
+
+
+def _fused_end(node: fx.Node, roles: dict[fx.Node, Role]) -> fx.Node:
+    """The node whose output is quantized for ``node``: its ReLU when one follows alone."""
+    if roles[node] in FUSABLE_ROLES and len(node.users) == 1:
+        user = next(iter(node.users))
+        if roles[user] == Role.ACTIVATION:
+            return user
+    return node
+
+
+def _check_activation(node: fx.Node, modules: dict[str, nn.Module]) -> None:
+    if node.op == "call_module":
+        return
+    extra = list(node.args[1:]) + [v for k, v in node.kwargs.items() if k != "inplace"]
+    if any(isinstance(a, fx.Node) for a in extra):
+        raise unsupported(node, "activation with tensor arguments")
+
+
+def _flat_args(node: fx.Node) -> list[fx.Node]:
+    found: list[fx.Node] = []
+    fx.node.map_arg((node.args, node.kwargs), lambda a: found.append(a) or a)
+    return found
+
+
+def _insert_after(gm: fx.GraphModule, node: fx.Node, name: str, module: nn.Module) -> None:
+    name = name.replace(".", "_")
+    gm.add_submodule(name, module)
+    with gm.graph.inserting_after(node):
+        new = gm.graph.call_module(name, args=(node,))
+    node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
