@@ -1,0 +1,48 @@
+"""Functions the simulator tests start in child processes: TFLM itself (it may crash)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def run_tflm_all(model: bytes, x: np.ndarray, num_tensors: int) -> dict:
+    """Run TFLM sample by sample with every tensor preserved; return outputs and all tensors."""
+    from tflite_micro import runtime
+
+    interp = runtime.Interpreter.from_bytes(
+        model,
+        arena_size=max(len(model) * 20, 1 << 20),
+        intrepreter_config=runtime.InterpreterConfig.kPreserveAllTensors,
+    )
+    outs: list[np.ndarray] = []
+    tensors: dict[int, list[np.ndarray]] = {}
+    for i in range(x.shape[0]):
+        interp.set_input(x[i : i + 1], 0)
+        interp.invoke()
+        outs.append(np.array(interp.get_output(0)))
+        for t in range(num_tensors):
+            try:
+                v = interp.GetTensor(t, 0)
+            except Exception:  # constants or tensors TFLM does not expose
+                continue
+            if v is not None:
+                tensors.setdefault(t, []).append(
+                    np.array(v["tensor_data"] if isinstance(v, dict) else v)
+                )
+    return {
+        "output": np.concatenate(outs, axis=0),
+        "tensors": {t: np.concatenate(vs, axis=0) for t, vs in tensors.items()},
+    }
+
+
+def run_tflm_many(cases: list[tuple[bytes, np.ndarray]]) -> list[dict | str]:
+    """``run_tflm_all`` for many models in one child; a refused model gives its error text."""
+    from edgekiln.formats.tflite import read_tflite
+
+    results: list[dict | str] = []
+    for model, x in cases:
+        try:
+            results.append(run_tflm_all(model, x, len(read_tflite(model).tensors)))
+        except RuntimeError as e:
+            results.append(f"{type(e).__name__}: {e}")
+    return results
