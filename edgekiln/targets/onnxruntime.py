@@ -376,7 +376,11 @@ def _child_run(
         session = ort.InferenceSession(
             model.SerializeToString(), so, providers=["CPUExecutionProvider"]
         )
-        optimized_ops = _op_counts(onnx.load(so.optimized_model_filepath))
+        optimized = onnx.load(so.optimized_model_filepath)
+    optimized_ops = _op_counts(optimized)
+    # Evidence of the S8 -> U8 rewrite: uint8 zero points ORT added to the graph.
+    uint8_before = sum(t.data_type == _UINT8 for t in model.graph.initializer)
+    uint8_added = sum(t.data_type == _UINT8 for t in optimized.graph.initializer) - uint8_before
 
     first = session.get_outputs()[0].name
     fetch = [first, *[n for n in int8_names if n != first]]
@@ -407,6 +411,7 @@ def _child_run(
         "onnxruntime_version": ort.__version__,
         "threads": options["threads"],
         "optimized_ops": optimized_ops,
+        "uint8_zero_points_added": max(uint8_added, 0),
         "cpu_vnni": cpu_has_vnni(),
     }
     if options["keep_intermediates"]:
