@@ -219,3 +219,12 @@ def test_int8_io_with_float_model_is_refused():
 
 def test_docstring_examples():
     assert doctest.testmod(onnx_exporter).failed == 0
+
+
+def test_bias_with_wrong_channel_count_is_refused():
+    g = every_op_graph_1d()
+    op = g.ops[0]
+    bias = g.tensor(op.inputs[2])
+    bias.quant = QParams.per_tensor(float(bias.quant.scale[0]), 0)
+    with pytest.raises(GraphError, match=r"needs 8 per-channel scales"):
+        to_onnx_model(g)

@@ -315,3 +315,18 @@ def test_cpu_vnni_is_known_on_linux():
 
 def test_docstring_examples():
     assert doctest.testmod(ort_target).failed == 0
+
+
+def test_model_with_two_inputs_raises(tmp_path):
+    model = helper.make_model(
+        helper.make_graph(
+            [helper.make_node("Add", ["a", "b"], ["y"])],
+            "two",
+            [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, ["N", 4]) for n in "ab"],
+            [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4])],
+        )
+    )
+    path = tmp_path / "two.onnx"
+    onnx.save(model, path)
+    with pytest.raises(ValueError, match=r"feeds one input; .* has 2: \['a', 'b'\]"):
+        run_onnxruntime(path, np.zeros((2, 4), np.float32))
