@@ -29,9 +29,10 @@ builds its graph, when the module is training, grad is enabled, and the stored t
 the last projection (detected with the tensor's in-place version counter, which every optimizer
 step bumps). :func:`apply_projections` does the same on demand, e.g. right after
 ``optimizer.step()`` or before export. So, whichever way they are triggered, projections run exactly
-once per optimizer step: gradient accumulation (several forwards per step) does not apply L1 twice,
-and a ``load_state_dict`` counts as already projected. A *step* of a pruning schedule is one such
-projection.
+once per optimizer step: gradient accumulation (several forwards per step) does not apply L1 twice.
+``state_dict()`` runs pending projections first, so a checkpoint holds projected tensors, and
+``load_state_dict`` counts what it loads as projected: training resumes on the same steps.
+A *step* of a pruning schedule is one such projection.
 
 Ordering rules (checked, with errors that say the way out):
 
@@ -789,9 +790,15 @@ def _after_load_hook(module: nn.Module, incompatible_keys: object) -> None:
             _remember_version(module, name)
 
 
+def _before_save_hook(module: nn.Module, prefix: str, keep_vars: bool) -> None:
+    # A checkpoint holds projected tensors, so that loading it can count them as projected.
+    _project_module(module)
+
+
 def _install_hooks(module: nn.Module) -> None:
     if module.__dict__.get("_edgekiln_hooked"):
         return
     module.register_forward_pre_hook(_projection_pre_hook)
+    module.register_state_dict_pre_hook(_before_save_hook)
     module.register_load_state_dict_post_hook(_after_load_hook)
     module.__dict__["_edgekiln_hooked"] = True
