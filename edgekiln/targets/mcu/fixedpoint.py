@@ -72,12 +72,13 @@ def wrap_int32(x: np.ndarray) -> np.ndarray:
 def saturating_rounding_doubling_high_mul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """gemmlowp SaturatingRoundingDoublingHighMul: ``round(a * b / 2**31)``, saturated.
 
-    Rounds half away from zero; the one overflow, ``INT32_MIN * INT32_MIN``, gives INT32_MAX.
+    Ties round up (toward +infinity: 1.5 -> 2, -1.5 -> -1); the one overflow,
+    ``INT32_MIN * INT32_MIN``, gives INT32_MAX.
 
     >>> int(saturating_rounding_doubling_high_mul(-2**31, -2**31))
     2147483647
-    >>> int(saturating_rounding_doubling_high_mul(3, 2**30))  # 1.5 rounds away from zero
-    2
+    >>> saturating_rounding_doubling_high_mul(np.array([3, -3]), 2**30).tolist()
+    [2, -1]
     """
     a = np.asarray(a, dtype=np.int64)
     b = np.asarray(b, dtype=np.int64)

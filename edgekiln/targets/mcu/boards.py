@@ -1,0 +1,135 @@
+"""Microcontroller board profiles: core, clock, SRAM and flash, each figure with its source.
+
+``get_board("nucleo-l4r5zi")`` returns a frozen ``Board``; ``Board.from_dict`` builds a user's
+own board from a recipe table and names the key, value and rule of anything wrong.
+
+>>> b = get_board("mcu:nrf52840")
+>>> b.core, b.clock_hz, b.sram_bytes // 1024
+('cortex-m4', 64000000, 256)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+KB = 1024
+MB = 1024 * 1024
+
+# Core families the latency model knows (see latency.py).
+CORES = ("cortex-m0plus", "cortex-m4", "cortex-m7", "cortex-m33", "cortex-m55")
+
+
+@dataclass(frozen=True)
+class Board:
+    """One board or part. ``sram_bytes`` is the RAM TFLM's arena may use; ``flash_bytes`` the
+    non-volatile memory for the model and the code."""
+
+    name: str
+    core: str
+    clock_hz: int
+    sram_bytes: int
+    flash_bytes: int
+    source: str = "user-defined"
+    notes: str = ""
+
+    def __post_init__(self) -> None:
+        _check_field("name", self.name, isinstance(self.name, str) and bool(self.name),
+                     "a non-empty string")  # fmt: skip
+        _check_field("core", self.core, self.core in CORES, f"one of {', '.join(CORES)}")
+        for key in ("clock_hz", "sram_bytes", "flash_bytes"):
+            value = getattr(self, key)
+            ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
+            _check_field(key, value, ok, "a positive integer")
+
+    @property
+    def target(self) -> str:
+        """The target name, ``mcu:<board>``."""
+        return f"mcu:{self.name}"
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> Board:
+        """A user-defined board from a recipe table (unknown keys are errors, not ignored).
+
+        >>> Board.from_dict({"name": "my-m4", "core": "cortex-m4", "clock_hz": 80_000_000,
+        ...                  "sram_bytes": 131072, "flash_bytes": 524288}).target
+        'mcu:my-m4'
+        """
+        if not isinstance(d, dict):
+            raise ValueError(f"a board must be a table of keys, got {type(d).__name__}")
+        known = {f.name for f in fields(Board)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(
+                f"board key(s) {', '.join(map(repr, unknown))} are not known; "
+                f"a board has {', '.join(sorted(known))}"
+            )
+        missing = [
+            k for k in ("name", "core", "clock_hz", "sram_bytes", "flash_bytes") if k not in d
+        ]
+        if missing:
+            raise ValueError(f"board {d.get('name', '?')!r} lacks key(s) {', '.join(missing)}")
+        return Board(**d)
+
+
+def _check_field(key: str, value: Any, ok: bool, rule: str) -> None:
+    if not ok:
+        raise ValueError(f"board key {key!r} = {value!r} is invalid: it must be {rule}")
+
+
+BOARDS: dict[str, Board] = {
+    b.name: b
+    for b in (
+        Board(
+            "nucleo-l4r5zi", "cortex-m4", 120_000_000, 640 * KB, 2 * MB,
+            source="ST DS12023 'STM32L4R5xx STM32L4R7xx STM32L4S5xx STM32L4S7xx' datasheet; "
+            "ST product page 'NUCLEO-L4R5ZI'",
+            notes="Cortex-M4F with FPU; the MLPerf Tiny v0.5/v1.0 reference board",
+        ),
+        Board(
+            "nrf52840", "cortex-m4", 64_000_000, 256 * KB, 1 * MB,
+            source="Nordic 'nRF52840 Product Specification' v1.7 (64 MHz Cortex-M4F, 1 MB flash, "
+            "256 KB RAM)",
+        ),
+        Board(
+            "stm32h743", "cortex-m7", 480_000_000, 1 * MB, 2 * MB,
+            source="ST DS12110 'STM32H742xI/G STM32H743xI/G' datasheet (up to 1 MB RAM incl. "
+            "192 KB TCM, 2 MB flash, 480 MHz)",
+            notes="RAM is split into domains (DTCM 128 KB, AXI SRAM 512 KB, SRAM1-4); an arena "
+            "must fit one contiguous region in practice",
+        ),
+        Board(
+            "stm32u575", "cortex-m33", 160_000_000, 786 * KB, 2 * MB,
+            source="ST DS13737 'STM32U575xx' datasheet (160 MHz Cortex-M33, 786 KB SRAM, 2 MB "
+            "flash)",
+        ),
+        Board(
+            "rp2040", "cortex-m0plus", 133_000_000, 264 * KB, 2 * MB,
+            source="Raspberry Pi 'RP2040 Datasheet' (dual Cortex-M0+ 133 MHz, 264 KB SRAM, no "
+            "internal flash); 'Raspberry Pi Pico Datasheet' (2 MB W25Q16JV QSPI flash)",
+            notes="flash is external QSPI executed in place through a 16 KB cache; one core is "
+            "modelled",
+        ),
+        Board(
+            "alif-e7-hp", "cortex-m55", 400_000_000, 1 * MB, 5632 * KB,
+            source="Alif whitepaper 'RAM Regions and Linker Files in Alif Microcontrollers' "
+            "(RTSS-HP M55 at 400 MHz: SRAM2 256 KB ITCM, SRAM3 1024 KB DTCM); Alif 'Ensemble E7' "
+            "product brief (up to 5.5 MB MRAM)",
+            notes="sram_bytes is the HP core's 1 MB DTCM; 6.5 MB of bulk SRAM0/1 is also "
+            "reachable at 400 MHz (Rev B) but slower; the Ethos-U55 NPU is not modelled",
+        ),
+    )
+}  # fmt: skip
+
+
+def get_board(name: str | Board) -> Board:
+    """The board called ``name`` (``mcu:`` prefix optional, case-insensitive)."""
+    if isinstance(name, Board):
+        return name
+    key = str(name).strip().lower().removeprefix("mcu:")
+    if key not in BOARDS:
+        raise ValueError(
+            f"unknown board {name!r}; known boards: {', '.join(sorted(BOARDS))}. "
+            "Define your own with Board.from_dict({...})"
+        )
+    return BOARDS[key]
