@@ -305,6 +305,11 @@ class _Writer:
     # -- graph --
 
     def build(self) -> bytes:
+        inputs, outputs = self.collect()
+        return _serialize(self, inputs, outputs)
+
+    def collect(self) -> tuple[list[int], list[int]]:
+        """Emit every tensor and operator; return the subgraph's input and output indices."""
         g = self.graph
         inputs = []
         for name in g.inputs:
@@ -324,7 +329,7 @@ class _Writer:
                 self.op("DEQUANTIZE", [q], [f])
                 q = f
             outputs.append(q)
-        return _serialize(self, inputs, outputs)
+        return inputs, outputs
 
 
 # ---- per-op emitters -----------------------------------------------------------------------
@@ -647,7 +652,16 @@ _EMITTERS = {
 # ---- serialization -------------------------------------------------------------------------
 
 
-def _serialize(w: _Writer, inputs: list[int], outputs: list[int]) -> bytes:
+def _serialize(
+    w: _Writer,
+    inputs: list[int],
+    outputs: list[int],
+    *,
+    schema_version: int = 3,
+    identifier: bytes = b"TFL3",
+    buffer0: bytes | None = None,
+) -> bytes:
+    """The flatbuffer bytes. The keywords exist so tests can write deliberately broken files."""
     b = flatbuffers.Builder(1024)
 
     # Buffers: 0 is the empty sentinel; each constant owns one, 16-byte aligned.
@@ -658,7 +672,8 @@ def _serialize(w: _Writer, inputs: list[int], outputs: list[int]) -> bytes:
             buffer_of[i] = len(data_vectors) + 1
             data_vectors.append(_aligned_bytes(b, t.data))
     buffers = []
-    for vec in [None, *data_vectors]:
+    buffer0_vec = None if buffer0 is None else _aligned_bytes(b, buffer0)
+    for vec in [buffer0_vec, *data_vectors]:
         tflite.BufferStart(b)
         if vec is not None:
             tflite.BufferAddData(b, vec)
@@ -699,14 +714,14 @@ def _serialize(w: _Writer, inputs: list[int], outputs: list[int]) -> bytes:
     buffers_vec = _table_vector(b, tflite.ModelStartBuffersVector, buffers)
     signatures_vec = _table_vector(b, tflite.ModelStartSignatureDefsVector, [signature])
     tflite.ModelStart(b)
-    tflite.ModelAddVersion(b, 3)
+    tflite.ModelAddVersion(b, schema_version)
     tflite.ModelAddOperatorCodes(b, opcodes_vec)
     tflite.ModelAddSubgraphs(b, subgraphs_vec)
     tflite.ModelAddDescription(b, description)
     tflite.ModelAddBuffers(b, buffers_vec)
     tflite.ModelAddSignatureDefs(b, signatures_vec)
     model = tflite.ModelEnd(b)
-    b.Finish(model, file_identifier=b"TFL3")
+    b.Finish(model, file_identifier=identifier)
     return bytes(b.Output())
 
 

@@ -105,6 +105,7 @@ def run_litert(
         "batch_mode": "resize",
         "ops": [op.opcode for op in model.operators],
         "input_dtype": str(xb.dtype),
+        "input_layout": input_layout(np.asarray(x), xb),
     }
     latency = Latency(raw["median_ms"], raw["p90_ms"], runs, warmup, threads)
     if keep_intermediates:
@@ -135,6 +136,7 @@ def prepare_run(
             f"{path.name} has {len(model.inputs)} inputs; edgekiln's TFLite targets feed "
             "single-input models"
         )
+    x = np.asarray(x)
     xb = input_batch(model.tensors[model.inputs[0]], x, path.name)
     labels = None
     if y is not None:
@@ -147,6 +149,15 @@ def prepare_run(
     return path, model, xb, labels
 
 
+def input_layout(x: np.ndarray, xb: np.ndarray) -> str:
+    """How ``x`` was given: "NCL" (1-D PyTorch), "NCHW" or the artifact's own layout."""
+    if x.ndim == 3 and xb.ndim == 4:
+        return "NCL"
+    if x.ndim == 4 and x.shape != xb.shape:
+        return "NCHW"
+    return "artifact"
+
+
 def input_batch(tensor: TfliteTensor, x: np.ndarray, artifact: str) -> np.ndarray:
     """``x`` in the input tensor's layout and dtype (quantized with its own parameters)."""
     x = np.asarray(x)
@@ -154,6 +165,8 @@ def input_batch(tensor: TfliteTensor, x: np.ndarray, artifact: str) -> np.ndarra
     pytorch = _pytorch_shape(tensor.shape)
     if x.ndim >= 1 and tuple(x.shape[1:]) == pytorch:
         x = _from_pytorch_layout(x, tensor.shape)
+    elif x.ndim == 3 and len(shape) == 3 and shape[0] == 1 and x.shape[1:] == shape[:0:-1]:
+        x = np.ascontiguousarray(x.transpose(0, 2, 1)[:, None])  # 1-D (N, C, L) -> (N, 1, L, C)
     elif tuple(x.shape[1:]) != shape:
         raise ValueError(
             f"data x has shape {x.shape}; {artifact} takes a batch of {pytorch} (PyTorch "
@@ -235,6 +248,8 @@ def finish_result(
     """The TargetResult of a successful run: layout, output parameters and accuracy."""
     out_tensor = model.tensors[model.outputs[0]]
     outputs = to_pytorch_layout(output)
+    if details.get("input_layout") == "NCL" and outputs.ndim == 4 and outputs.shape[2] == 1:
+        outputs = outputs[:, :, 0]  # a 1-D model fed (N, C, L) answers (N, C, L)
     scale = zero_point = None
     if out_tensor.scale.size == 1:
         scale = float(out_tensor.scale[0])
