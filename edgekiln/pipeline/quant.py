@@ -192,6 +192,11 @@ def compute_qparams(min_val: Tensor, max_val: Tensor, spec: QuantSpec) -> tuple[
             f"compute_qparams needs min_val <= max_val, got min {min_val.tolist()} "
             f"and max {max_val.tolist()}"
         )
+    return _qparams_from_range(min_val, max_val, spec)
+
+
+def _qparams_from_range(min_val: Tensor, max_val: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
+    """:func:`compute_qparams` without the input checks (the observers' hot path)."""
     min_val = torch.clamp(min_val.float(), max=0.0)  # widened to include 0
     max_val = torch.clamp(max_val.float(), min=0.0)
     if spec.symmetric:
@@ -291,14 +296,21 @@ class Observer(nn.Module):
         self.register_buffer("min_val", torch.tensor(float("inf")))
         self.register_buffer("max_val", torch.tensor(float("-inf")))
         self.register_buffer("frozen", torch.tensor(False))
+        self._observed = False  # mirrors "the range is finite", kept off the hot path
 
     def extra_repr(self) -> str:
         return f"spec={self.spec}"
 
     @property
     def observed(self) -> bool:
-        """True once data has been observed (the range is finite)."""
-        return bool(torch.isfinite(self.min_val).all() and torch.isfinite(self.max_val).all())
+        """True once data has been observed (or a range was loaded with ``load_state_dict``)."""
+        return self._observed
+
+    def reset(self) -> None:
+        """Forget the observed range (``min_val = +inf``, ``max_val = -inf``)."""
+        self.min_val = torch.full_like(self.min_val, float("inf"))
+        self.max_val = torch.full_like(self.max_val, float("-inf"))
+        self._observed = False
 
     def freeze(self) -> None:
         """Stop updating the range; :meth:`observe` becomes a no-op."""
@@ -337,6 +349,7 @@ class Observer(nn.Module):
     def _set(self, min_val: Tensor, max_val: Tensor) -> None:
         self.min_val = min_val.clone()
         self.max_val = max_val.clone()
+        self._observed = True
 
     def _update(self, min_val: Tensor, max_val: Tensor) -> None:
         raise NotImplementedError
@@ -352,7 +365,7 @@ class Observer(nn.Module):
                 f"{type(self).__name__} has not observed any data, so it has no scale: pass data "
                 "through the model in training mode (calibration) before asking for qparams"
             )
-        return compute_qparams(self.min_val, self.max_val, self.spec)
+        return _qparams_from_range(self.min_val, self.max_val, self.spec)
 
     def _load_from_state_dict(  # type: ignore[no-untyped-def]
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -365,6 +378,7 @@ class Observer(nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+        self._observed = bool(torch.isfinite(self.min_val).all() and self.min_val.numel() > 0)
 
 
 def _all_reduce_range(min_val: Tensor, max_val: Tensor) -> tuple[Tensor, Tensor]:
@@ -419,8 +433,7 @@ class MovingAverageMinMaxObserver(Observer):
 
     def _update(self, min_val: Tensor, max_val: Tensor) -> None:
         if self.averaging_constant == 1.0:
-            self.min_val.copy_(min_val)
-            self.max_val.copy_(max_val)
+            self.min_val, self.max_val = min_val, max_val  # fresh tensors from batch_range
             return
         self.min_val.add_(min_val - self.min_val, alpha=self.averaging_constant)
         self.max_val.add_(max_val - self.max_val, alpha=self.averaging_constant)

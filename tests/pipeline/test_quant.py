@@ -299,3 +299,14 @@ def test_observers_all_reduce_under_distributed(tmp_path: Path) -> None:
         assert obs.min_val.tolist() == [-2.0] and obs.max_val.tolist() == [1.0]
     finally:
         dist.destroy_process_group()
+
+
+def test_observer_reset() -> None:
+    obs = MinMaxObserver(WEIGHT_SPEC)
+    obs.observe(torch.ones(3, 2))
+    obs.reset()
+    assert not obs.observed and obs.min_val.shape == (3,)
+    with pytest.raises(RuntimeError, match=r"has not observed any data"):
+        obs.qparams()
+    obs.observe(torch.full((3, 2), -2.0))
+    assert obs.min_val.tolist() == [-2.0] * 3

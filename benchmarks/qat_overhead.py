@@ -1,0 +1,100 @@
+"""Cost of training-time kernel constraints: one training step, float vs Prune(0.5) + FakeQuant.
+
+A small CNN (conv 1->16, conv 16->32 stride 2, conv 32->32, global average pool, linear 32->10) at
+batch 64 on 28x28 inputs. A step is forward, backward and an Adam step. Both models are timed in one
+run, interleaved, after a warm-up; the median over the steps is reported. Only weights are
+constrained here: activation fake-quantization comes from ``prepare()`` and is not measured.
+
+Run: ``.venv/bin/python benchmarks/qat_overhead.py [--steps 50] [--threads 1]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from edgekiln.pipeline.constraints import FakeQuant, Prune, constrain
+
+
+def small_cnn() -> nn.Sequential:
+    """The benchmark model; the same seed gives the same initial weights."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1),  # (B, 16, 28, 28)
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, stride=2, padding=1),  # (B, 32, 14, 14)
+        nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1),  # (B, 32, 14, 14)
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),  # (B, 32)
+        nn.Linear(32, 10),
+    )
+
+
+def constrained_cnn() -> nn.Sequential:
+    """The benchmark model with Prune(0.5) + FakeQuant on every conv and linear kernel."""
+    model = small_cnn()
+    for layer in model.modules():
+        if isinstance(layer, (nn.Conv2d, nn.Linear)):
+            constrain(layer, Prune(0.5), FakeQuant())
+    return model
+
+
+def step_timer(model: nn.Module, x: torch.Tensor, y: torch.Tensor):  # type: ignore[no-untyped-def]
+    """A closure that runs one training step and returns its wall time in seconds."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step() -> float:
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        optimizer.step()
+        return time.perf_counter() - start
+
+    return step
+
+
+def main() -> None:
+    """Time both models and print the table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=50, help="timed steps per model")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps per model")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 1, 28, 28, generator=generator)
+    y = torch.randint(0, 10, (64,), generator=generator)
+    runs = {"float": step_timer(small_cnn(), x, y)}
+    runs["Prune(0.5) + FakeQuant"] = step_timer(constrained_cnn(), x, y)
+
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for i in range(args.warmup + args.steps):
+        for name, step in runs.items():  # interleaved, so drift hits both alike
+            elapsed = step()
+            if i >= args.warmup:
+                times[name].append(elapsed)
+
+    base = statistics.median(times["float"])
+    print(f"torch {torch.__version__}, threads={torch.get_num_threads()}, batch 64, 28x28x1")
+    print(f"{args.warmup} warm-up steps, median of {args.steps} (forward + backward + Adam step)")
+    print("weights only: activation fake-quant (prepare()) is not in this measurement")
+    print()
+    print(f"| {'model':<24} | {'median ms':>9} | {'p90 ms':>7} | {'ratio':>5} |")
+    print(f"|{'-' * 26}|{'-' * 11}|{'-' * 9}|{'-' * 7}|")
+    for name, samples in times.items():
+        median = statistics.median(samples)
+        p90 = statistics.quantiles(samples, n=10)[-1]
+        print(f"| {name:<24} | {median * 1e3:9.2f} | {p90 * 1e3:7.2f} | {median / base:5.2f} |")
+
+
+if __name__ == "__main__":
+    main()
