@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import doctest
 import importlib
 import time
 
@@ -185,3 +186,10 @@ def test_small_cnn_learns_mnist_in_one_short_epoch() -> None:
         predicted = model(torch.from_numpy(data.x_test)).argmax(1).numpy()
     accuracy = float((predicted == data.y_test).mean())
     assert accuracy > 0.90, f"accuracy {accuracy:.3f} after one epoch ({seconds:.1f} s)"
+
+
+@pytest.mark.parametrize("module_name", ["architectures", "registry", "datasets"])
+def test_docstring_examples(module_name: str) -> None:
+    module = importlib.import_module(f"edgekiln.models.{module_name}")
+    result = doctest.testmod(module)
+    assert result.attempted > 0 and result.failed == 0
