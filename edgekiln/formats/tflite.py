@@ -294,7 +294,9 @@ def _read_tensor(data: bytes, t: Any, index: int, buffers: list[Any]) -> TfliteT
         raise TfliteFormatError(
             f"{where} refers to buffer {buffer}; the model has {len(buffers)} buffers"
         )
-    raw = _buffer_bytes(data, buffers[buffer], f"{where} buffer {buffer}")
+    # buffer 0 is the schema's empty sentinel: a tensor pointing at it has no data (the checker
+    # refuses a model whose buffer 0 is not empty)
+    raw = b"" if buffer == 0 else _buffer_bytes(data, buffers[buffer], f"{where} buffer {buffer}")
     array = None
     if raw:
         if any(d < 0 for d in shape):
@@ -470,9 +472,9 @@ def check_tflite(source: bytes | bytearray | memoryview | str | Path) -> TfliteM
             f"{model.buffer0_size} bytes"
         )
     _check_io(model)
+    _check_operators(model)  # first: an op's rule names the problem better than a tensor's
     for tensor in model.tensors:
         _check_tensor(tensor)
-    _check_operators(model)
     return model
 
 
