@@ -1,9 +1,10 @@
 """LiteRT target: every op against the reference in LSB, kernels compared, user errors named.
 
 Bounds come from tests/formats/tflite_cases.py (1 LSB per requantizing op, 0 for data
-movement). Measured on this machine: XNNPACK agrees with the reference to 0 LSB on every case
-(it requantizes in float with round-to-nearest-even, like the reference); the builtin and
-reference kernels differ by at most 1 LSB per op, stepwise.
+movement). Measured on this machine (32 samples per case): XNNPACK agrees with the reference to
+0 LSB on 16 of 18 cases and 1 LSB on relu6 and avg_pool (it requantizes in float, like the
+reference); the builtin and reference kernels differ by at most 1 LSB per op, stepwise, and
+by at most 2 end to end (add_relu, concat: two requantizing ops on the path).
 """
 
 from pathlib import Path

@@ -2,7 +2,7 @@
 arena it reports, and crashes that stay in the child.
 
 Bounds come from tests/formats/tflite_cases.py. TFLM's kernels are ports of LiteRT's reference
-kernels, so the two should agree bit for bit: measured 0 LSB on every case here.
+kernels; measured bit-identical on 17 of the 18 cases, 1 LSB apart on one FULLY_CONNECTED.
 """
 
 import numpy as np
@@ -14,6 +14,7 @@ from edgekiln.targets.litert import run_litert
 from edgekiln.targets.tflm import op_registrations, run_tflm
 from tests.formats.tflite_cases import (
     CASES,
+    REQUANT_LSB,
     case_graph,
     chain_bound,
     lsb,
@@ -42,7 +43,10 @@ def test_matches_reference_and_litert_reference_kernels(artifacts, name):
         assert diff <= op_bound(graph, op_name), (op_name, diff)
     assert lsb(reference_output(graph, x), r.outputs) <= chain_bound(name)
     ref_kernels = run_litert(artifacts[name], x, reference_kernels=True, **FAST)
-    assert np.array_equal(ref_kernels.outputs, r.outputs)  # measured: bit-identical
+    # measured (32 samples): bit-identical on every case but "softmax", where TFLM's
+    # FULLY_CONNECTED after MEAN differs from LiteRT's reference kernel by 1 LSB in 22 of 320
+    # values; both stay within 1 LSB of edgekiln's reference, op by op
+    assert lsb(ref_kernels.outputs, r.outputs) <= (REQUANT_LSB if name == "softmax" else 0)
 
 
 def test_lowered_grouped_conv_is_exact(tmp_path):
