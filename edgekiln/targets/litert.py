@@ -105,6 +105,7 @@ def run_litert(
         "threads": threads,
         "batch_mode": "resize",
         "ops": [op.opcode for op in model.operators],
+        "intermediates_without_xnnpack": keep_intermediates,
         "input_dtype": str(xb.dtype),
         "input_layout": input_layout(np.asarray(x), xb),
     }
