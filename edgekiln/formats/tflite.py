@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import flatbuffers
 import numpy as np
 import tflite
 from tflite.utils import BUILTIN_OPCODE2NAME
@@ -256,11 +257,22 @@ def _read_model(data: bytes) -> TfliteModel:
 
 
 def _read_opcode(code: Any) -> tuple[int, int, str | None]:
-    # Builtin codes above 127 live in ``builtin_code``; older files only fill the deprecated
-    # int8 field, so the effective code is the larger of the two (the schema's own rule).
-    builtin = max(int(code.BuiltinCode()), int(code.DeprecatedBuiltinCode()))
+    # The schema's rule: the operator is max(deprecated_builtin_code, builtin_code). Old files
+    # fill only the int8 deprecated field; newer writers (tflite-micro's model editor, some
+    # converters) fill only ``builtin_code`` and leave the deprecated one at 0. The ``tflite``
+    # package's ``BuiltinCode()`` returns the deprecated field for any code below 127, which
+    # reads every op of the second kind as ADD (0), so the raw field is read here instead.
+    builtin = max(_raw_builtin_code(code), int(code.DeprecatedBuiltinCode()))
     custom = code.CustomCode()
     return builtin, int(code.Version()), None if custom is None else _text(custom)
+
+
+def _raw_builtin_code(code: Any) -> int:
+    """OperatorCode.builtin_code as stored (field 3, vtable offset 10; absent means 0)."""
+    o = int(code._tab.Offset(10))
+    if o == 0:
+        return 0
+    return int(code._tab.Get(flatbuffers.number_types.Int32Flags, o + code._tab.Pos))
 
 
 def _buffer_bytes(data: bytes, buf: Any, what: str) -> bytes:

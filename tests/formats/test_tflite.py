@@ -8,7 +8,7 @@ import pytest
 
 import edgekiln.exporters.tflite as exporter
 from edgekiln.exporters.tflite import _serialize, _Writer, tflite_bytes
-from edgekiln.formats.tflite import TfliteFormatError, check_tflite, read_tflite
+from edgekiln.formats.tflite import OPCODE_NAMES, TfliteFormatError, check_tflite, read_tflite
 from tests.formats.tflite_cases import case_graph
 
 
@@ -170,3 +170,86 @@ def test_hostile_bytes_raise_only_format_errors():
         except TfliteFormatError:
             refused += 1
     assert refused > 100
+
+
+def _opcode_fields_model(fields: list[tuple[int | None, int | None]]) -> bytes:
+    """A hand-built model with one operator per (deprecated_builtin_code, builtin_code) entry;
+    ``None`` leaves the field out of the file, as writers that fill only one of them do."""
+    import flatbuffers
+    import tflite
+
+    b = flatbuffers.Builder(256)
+    tflite.BufferStart(b)
+    buffers = [tflite.BufferEnd(b)]
+    tensors = []
+    for i in range(len(fields) + 1):
+        name = b.CreateString(f"t{i}")
+        shape = b.CreateNumpyVector(np.array([1, 4], np.int32))
+        tflite.TensorStart(b)
+        tflite.TensorAddShape(b, shape)
+        tflite.TensorAddType(b, tflite.TensorType.FLOAT32)
+        tflite.TensorAddName(b, name)
+        tensors.append(tflite.TensorEnd(b))
+    opcodes = []
+    for deprecated, builtin in fields:
+        tflite.OperatorCodeStart(b)
+        if deprecated is not None:
+            tflite.OperatorCodeAddDeprecatedBuiltinCode(b, deprecated)
+        if builtin is not None:
+            tflite.OperatorCodeAddBuiltinCode(b, builtin)
+        tflite.OperatorCodeAddVersion(b, 1)
+        opcodes.append(tflite.OperatorCodeEnd(b))
+    operators = []
+    for k in range(len(fields)):
+        ins = b.CreateNumpyVector(np.array([k], np.int32))
+        outs = b.CreateNumpyVector(np.array([k + 1], np.int32))
+        tflite.OperatorStart(b)
+        tflite.OperatorAddOpcodeIndex(b, k)
+        tflite.OperatorAddInputs(b, ins)
+        tflite.OperatorAddOutputs(b, outs)
+        operators.append(tflite.OperatorEnd(b))
+
+    def vector(start, items):
+        start(b, len(items))
+        for item in reversed(items):
+            b.PrependUOffsetTRelative(item)
+        return b.EndVector()
+
+    tensors_vec = vector(tflite.SubGraphStartTensorsVector, tensors)
+    operators_vec = vector(tflite.SubGraphStartOperatorsVector, operators)
+    inputs = b.CreateNumpyVector(np.array([0], np.int32))
+    outputs = b.CreateNumpyVector(np.array([len(fields)], np.int32))
+    tflite.SubGraphStart(b)
+    tflite.SubGraphAddTensors(b, tensors_vec)
+    tflite.SubGraphAddInputs(b, inputs)
+    tflite.SubGraphAddOutputs(b, outputs)
+    tflite.SubGraphAddOperators(b, operators_vec)
+    subgraph = tflite.SubGraphEnd(b)
+    opcodes_vec = vector(tflite.ModelStartOperatorCodesVector, opcodes)
+    subgraphs_vec = vector(tflite.ModelStartSubgraphsVector, [subgraph])
+    buffers_vec = vector(tflite.ModelStartBuffersVector, buffers)
+    tflite.ModelStart(b)
+    tflite.ModelAddVersion(b, 3)
+    tflite.ModelAddOperatorCodes(b, opcodes_vec)
+    tflite.ModelAddSubgraphs(b, subgraphs_vec)
+    tflite.ModelAddBuffers(b, buffers_vec)
+    b.Finish(tflite.ModelEnd(b), file_identifier=b"TFL3")
+    return bytes(b.Output())
+
+
+def test_opcode_is_the_larger_of_the_deprecated_and_the_new_field():
+    # Regression: a file that fills only builtin_code (tflite-micro's model editor does) was
+    # read as ADD for every op below 127, because tflite's BuiltinCode() falls back to the
+    # deprecated field there. Schema rule: opcode = max(deprecated_builtin_code, builtin_code).
+    data = _opcode_fields_model([
+        (None, 17),  # only builtin_code: MAX_POOL_2D
+        (None, 25),  # only builtin_code: SOFTMAX
+        (9, None),  # only the deprecated field (old converters): FULLY_CONNECTED
+        (3, 3),  # both, as TensorFlow's converter and edgekiln's writer: CONV_2D
+        (127, 150),  # a code above 127: the deprecated field holds the placeholder
+        (None, 0),  # ADD written explicitly in builtin_code
+    ])  # fmt: skip
+    model = read_tflite(data)
+    assert [op.opcode for op in model.operators] == [
+        "MAX_POOL_2D", "SOFTMAX", "FULLY_CONNECTED", "CONV_2D", OPCODE_NAMES[150], "ADD",
+    ]  # fmt: skip

@@ -56,13 +56,7 @@ class Net:
 
     def build(self, inputs: list, outputs: list) -> bytes:
         self.sg.inputs, self.sg.outputs = inputs, outputs
-        model = me.Model(subgraphs=[self.sg])
-        # Fill the deprecated int8 opcode field too, as TensorFlow's converter does: the
-        # ``tflite`` package's reader falls back to it for codes below 127.
-        for code in dict.fromkeys(op.opcode for op in self.sg.operators):
-            fb = S.OperatorCodeT()
-            fb.builtinCode, fb.deprecatedBuiltinCode = code, min(code, 127)
-            model.operator_codes.append(me.OperatorCode(_fb=fb))
+        model = me.Model(subgraphs=[self.sg])  # the editor fills only builtin_code
         model.buffers.append(me.Buffer(data=b""))
         return bytes(model.build())
 
