@@ -4,10 +4,21 @@ The graph carries int8 weights (the fake-quantized kernels divided by their scal
 integers are exactly those training used), int32 biases at ``input_scale * weight_scale``,
 and every activation's scale and zero point from its observer. Export and validation read
 only the graph.
+
+Channels that channel pruning zeroed (all-zero filter and zero bias) are then removed from the
+graph by ``edgekiln.ir.transforms.remove_pruned_channels``: the producer loses its output
+filters and every consumer the matching inputs, through residual adds, concatenations, pools
+and flattens. That removal is exact (the integers of every remaining channel are unchanged),
+so the graph computes bit for bit what the trained model computes, with fewer MACs and bytes.
+It runs at capture rather than at export so that both artifacts, the report's MAC counts and
+every target read the same smaller graph; ``remove_pruned_channels=False`` keeps the dense
+graph (the "before" of a size and latency comparison). What was removed is in
+``graph.metadata["channel_removal"]``.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,6 +38,7 @@ from edgekiln.ir import (
     QParams,
 )
 from edgekiln.ir import Tensor as IRTensor
+from edgekiln.ir.transforms import remove_pruned_channels as _remove_pruned_channels
 from edgekiln.pipeline.constraints import weight_quantizer
 from edgekiln.pipeline.ops import Role, classify, unsupported, where
 
@@ -37,11 +49,21 @@ class CaptureError(ValueError):
     """The prepared model cannot become an int8 graph; the message names the layer and why."""
 
 
-def capture(model: nn.Module, example_inputs: Tensor | Sequence[Tensor] | None = None) -> Graph:
+def capture(
+    model: nn.Module,
+    example_inputs: Tensor | Sequence[Tensor] | None = None,
+    *,
+    remove_pruned_channels: bool = True,
+) -> Graph:
     """The int8 graph of a model made by ``edgekiln.prepare`` and calibrated (or fine-tuned).
 
     ``example_inputs`` fixes shapes (only the first sample is used); by default the shapes
     given to ``prepare``. The model is read in eval mode and left in the mode it was in.
+    ``remove_pruned_channels`` (default True) removes the channels channel pruning zeroed
+    (exactly: see the module docstring); False keeps every channel.
+
+    A model whose fake-quantization is off (the pruning phase of ``prune_then_qat``) is
+    captured with a warning: its float forward is not what the int8 graph computes.
     """
     if not isinstance(model, fx.GraphModule) or not any(
         getattr(m, "_edgekiln_quant", False) for m in model.modules()
@@ -53,14 +75,33 @@ def capture(model: nn.Module, example_inputs: Tensor | Sequence[Tensor] | None =
     inputs = _example(model, example_inputs)
     modules = dict(model.named_modules())
     _check_observed(model, modules)
+    _warn_if_fake_quant_off(model)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             ShapeProp(model).propagate(*inputs)
-        return _Capture(model, modules).run()
+        graph = _Capture(model, modules).run()
     finally:
         model.train(was_training)
+    if remove_pruned_channels:
+        graph, _ = _remove_pruned_channels(graph)
+    return graph
+
+
+def _warn_if_fake_quant_off(model: nn.Module) -> None:
+    off = [
+        name
+        for name, m in model.named_modules()
+        if hasattr(m, "enabled") and hasattr(m, "enable") and not bool(m.enabled)
+    ]
+    if off:
+        warnings.warn(
+            f"capturing with fake-quantization off in {len(off)} quantizers (e.g. {off[0]!r}): "
+            "the model's float outputs are not what the int8 graph computes. In "
+            "sparsity_mode='prune_then_qat' call start_qat(model) and fine-tune before capture",
+            stacklevel=3,
+        )
 
 
 def _example(model: fx.GraphModule, example_inputs: Any) -> tuple[Tensor, ...]:

@@ -56,6 +56,7 @@ import functools
 import logging
 import math
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -75,6 +76,7 @@ from edgekiln.pipeline.schedules import ConstantSparsity, SparsitySchedule
 __all__ = [
     "L1",
     "L2",
+    "ChannelGroup",
     "Clip",
     "Constraint",
     "FakeQuant",
@@ -85,7 +87,10 @@ __all__ = [
     "apply_projections",
     "constrain",
     "constraints_of",
+    "freeze_masks",
     "prune_mask",
+    "set_fake_quant",
+    "start_qat",
     "weight_quantizer",
 ]
 
@@ -335,13 +340,22 @@ class Prune(Constraint):
             None (or give exactly that value).
         pattern: "unstructured" (single weights), "channel" (whole output filters, by L2 norm)
             or "N:M" such as "2:4" (see :class:`Pattern`).
+        flattened_from: For an N:M pattern on a Linear fed by a flatten of a ``(C, *spatial)``
+            map: that shape. The groups then run along ``C`` at each spatial position, which is
+            the order TFLite stores the columns in (NHWC flatten), so the artifact keeps N:M.
+        group: For the "channel" pattern: a :class:`ChannelGroup` of layers whose outputs meet
+            in a residual add; they prune the same channels, chosen by their summed L2 norms
+            (``prepare`` builds these groups).
 
-    Pruning is per tensor (each layer reaches the target on its own). Scores are magnitudes of the
-    tensor at this constraint's position (after earlier Transforms). A weight once pruned stays
-    pruned; the achieved sparsity never falls.
+    Pruning is per tensor (each layer reaches the target on its own), or per group. Scores are
+    magnitudes of the tensor at this constraint's position (after earlier Transforms). A weight
+    once pruned stays pruned; the achieved sparsity never falls. The "channel" pattern also
+    masks the layer's bias at the pruned output channels (when the layer has one), so a pruned
+    channel outputs exactly 0.0 and ``capture`` can remove it from the graph.
 
     Raises:
-        ValueError: A bad sparsity or pattern, or a sparsity that disagrees with an N:M pattern.
+        ValueError: A bad sparsity or pattern, a sparsity that disagrees with an N:M pattern,
+            ``flattened_from`` without an N:M pattern or ``group`` without "channel".
 
     >>> Prune(0.5)
     Prune(sparsity=0.5, pattern='unstructured')
@@ -351,12 +365,15 @@ class Prune(Constraint):
 
     sparsity: float | SparsitySchedule | None = None
     pattern: Pattern | PatternKind | str = "unstructured"
+    flattened_from: tuple[int, ...] | None = None
+    group: ChannelGroup | None = field(default=None, compare=False)
     schedule: SparsitySchedule = field(init=False)
     stackable: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         pattern = Pattern.parse(self.pattern)
         object.__setattr__(self, "pattern", pattern)
+        self._check_layout(pattern)
         sparsity = self.sparsity
         if pattern.sparsity is not None:
             fixed = pattern.sparsity
@@ -383,12 +400,40 @@ class Prune(Constraint):
             schedule = ConstantSparsity(_check_prune_sparsity(sparsity))
         object.__setattr__(self, "schedule", schedule)
 
+    def _check_layout(self, pattern: Pattern) -> None:
+        shape = self.flattened_from
+        if shape is not None:
+            ok = isinstance(shape, tuple) and len(shape) >= 1
+            ok = ok and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)
+            if pattern.kind is not PatternKind.N_OF_M or not ok:
+                raise ValueError(
+                    f"Prune(flattened_from={shape!r}, pattern='{pattern}'): flattened_from is a "
+                    "tuple of positive ints (C, *spatial) and applies to N:M patterns only; "
+                    "drop it or use pattern='2:4'"
+                )
+        if self.group is not None and (
+            pattern.kind is not PatternKind.CHANNEL or not isinstance(self.group, ChannelGroup)
+        ):
+            raise ValueError(
+                f"Prune(group={self.group!r}, pattern='{pattern}'): group takes a ChannelGroup "
+                "and applies to pattern='channel' only; drop it or use pattern='channel'"
+            )
+
     def __repr__(self) -> str:
-        return f"Prune(sparsity={self.sparsity!r}, pattern='{self.pattern}')"
+        extra = f", flattened_from={self.flattened_from}" if self.flattened_from else ""
+        return f"Prune(sparsity={self.sparsity!r}, pattern='{self.pattern}'{extra})"
 
     def build(self, tensor: Tensor, where: str) -> ConstraintModule:
         pattern = Pattern.parse(self.pattern)
-        if pattern.kind is PatternKind.N_OF_M:
+        if pattern.kind is PatternKind.N_OF_M and self.flattened_from is not None:
+            channels, count = self.flattened_from[0], math.prod(self.flattened_from)
+            if tensor.dim() != 2 or tensor.shape[1] != count or channels % pattern.m:
+                raise ValueError(
+                    f"{where}: Prune(pattern='{pattern}', flattened_from={self.flattened_from}) "
+                    f"needs a (O, {count}) kernel with C={channels} a multiple of {pattern.m}; "
+                    f"got {tuple(tensor.shape)}. Use pattern='unstructured' for this layer."
+                )
+        elif pattern.kind is PatternKind.N_OF_M:
             if tensor.dim() < 2 or tensor.shape[1] % pattern.m:
                 raise ValueError(
                     f"{where}: pattern '{pattern}' groups {pattern.m} consecutive input elements "
@@ -498,35 +543,57 @@ class _PruneModule(ConstraintModule):
     has_projection = True
     mask: Tensor
     step: Tensor
+    frozen: Tensor
 
     def __init__(self, constraint: Prune, tensor: Tensor) -> None:
         super().__init__()
         self.constraint = constraint
         self.pattern = Pattern.parse(constraint.pattern)
         self.schedule = constraint.schedule
+        self.flattened_from = constraint.flattened_from
         self.register_buffer("mask", torch.ones_like(tensor, dtype=tensor.dtype))
         self.register_buffer("step", torch.tensor(0, dtype=torch.int64))
+        self.register_buffer("frozen", torch.tensor(False))
+        self.__dict__["group"] = constraint.group  # shared, not a submodule: no state of its own
 
     def forward(self, x: Tensor) -> Tensor:
         return x * self.mask
 
     def project(self, stored: Tensor, chain_input: Callable[[], Tensor]) -> None:
         step = int(self.step)
-        if self.schedule.should_update(step):
+        if not bool(self.frozen) and self.schedule.should_update(step):
             self.update_mask(chain_input(), self.schedule.value(step))
         stored.mul_(self.mask)
         self.step += 1
+
+    def channel_kept(self) -> Tensor:
+        """``(O,)`` bool: output channels with any weight kept."""
+        return (self.mask != 0).reshape(self.mask.shape[0], -1).any(dim=1)
+
+    def _load_from_state_dict(  # type: ignore[no-untyped-def]
+        self, state_dict, prefix, *args, **kwargs
+    ) -> None:
+        # Checkpoints written before masks could be frozen have no "frozen" entry.
+        state_dict.setdefault(prefix + "frozen", self.frozen.clone())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
     def update_mask(self, value: Tensor, sparsity: float) -> None:
         """Prune more of ``value`` (by magnitude) until ``sparsity``; pruned entries stay pruned."""
         kept = self.mask != 0
-        if self.pattern.kind is PatternKind.N_OF_M:
-            new = _n_of_m_mask(value.abs(), kept, self.pattern.n, self.pattern.m)
+        group: ChannelGroup | None = self.__dict__.get("group")
+        if self.pattern.kind is PatternKind.N_OF_M and self.flattened_from is not None:
+            shape = (value.shape[0], *self.flattened_from)  # (O, C, *spatial): groups along C
+            moved = _n_of_m_mask(value.abs().reshape(shape), kept.reshape(shape), *self._nm())
+            new = moved.reshape(value.shape)
+        elif self.pattern.kind is PatternKind.N_OF_M:
+            new = _n_of_m_mask(value.abs(), kept, *self._nm())
         elif self.pattern.kind is PatternKind.CHANNEL:
-            norms = value.reshape(value.shape[0], -1).norm(dim=1)  # (O,)
-            channel_kept = kept.reshape(value.shape[0], -1).any(dim=1)
-            keep = _top_keep(norms, channel_kept, sparsity)  # (O,) bool
+            if group is not None:
+                keep = group.decide(int(self.step), sparsity).to(value.device)
+            else:
+                norms = value.reshape(value.shape[0], -1).norm(dim=1)  # (O,)
+                keep = _top_keep(norms, self.channel_kept(), sparsity)  # (O,) bool
             new = keep.reshape((-1,) + (1,) * (value.dim() - 1)).expand_as(value)
         else:
             new = _top_keep(value.abs().flatten(), kept.flatten(), sparsity).reshape(value.shape)
@@ -537,6 +604,97 @@ class _PruneModule(ConstraintModule):
             1.0 - float(self.mask.mean()),
             sparsity,
         )
+
+    def _nm(self) -> tuple[int, int]:
+        return self.pattern.n, self.pattern.m
+
+
+class _ChannelBiasMask(ConstraintModule):
+    """The bias of a channel-pruned layer: zero at the pruned output channels (forward and
+    stored), so a pruned channel outputs exactly 0.0 and can be removed from the graph."""
+
+    has_projection = True
+
+    def __init__(self, prune: _PruneModule) -> None:
+        super().__init__()
+        self.constraint = prune.constraint
+        self.__dict__["prune"] = prune  # the weight's prune module owns the mask
+
+    def _channel_mask(self, like: Tensor) -> Tensor:
+        return self.__dict__["prune"].channel_kept().to(like.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self._channel_mask(x)
+
+    def project(self, stored: Tensor, chain_input: Callable[[], Tensor]) -> None:
+        stored.mul_(self._channel_mask(stored))
+
+
+class ChannelGroup:
+    """Layers that prune the same output channels: their outputs meet in a residual add, and
+    channel ``c`` of the sum is zero (and removable) only when it is zero in every branch.
+
+    A channel's score is the sum over the members of their filter L2 norms (at the Prune's
+    position in each chain). The first member to update at a step decides for all of them.
+    ``prepare`` builds the groups for the "channel" pattern; build one by hand with the layers
+    (Conv or Linear modules) before constraining them:
+
+    >>> a, b = nn.Conv2d(2, 4, 1), nn.Conv2d(3, 4, 1)
+    >>> group = ChannelGroup([a, b])
+    >>> for layer in (a, b):
+    ...     _ = constrain(layer, Prune(0.5, pattern="channel", group=group))
+    >>> bool(torch.equal(prune_mask(a)[:, 0, 0, 0], prune_mask(b)[:, 0, 0, 0]))
+    True
+
+    Raises:
+        ValueError: Fewer than one layer, or layers with different output channel counts.
+    """
+
+    def __init__(self, layers: list[nn.Module], name: str = "weight") -> None:
+        sizes = {int(getattr(m, name).shape[0]) for m in layers}
+        if not layers or len(sizes) != 1:
+            raise ValueError(
+                f"ChannelGroup needs layers with one output channel count, got {sorted(sizes)}; "
+                "group only layers whose outputs are added together"
+            )
+        self.layers = list(layers)
+        self.name = name
+        self._decided: tuple[int, Tensor, Tensor] | None = None  # (step, kept before, keep)
+
+    def __repr__(self) -> str:
+        return f"ChannelGroup({len(self.layers)} layers)"
+
+    def _members(self) -> list[tuple[Tensor, _PruneModule | None]]:
+        """(value at the Prune's position, its prune module or None) per layer."""
+        out = []
+        for layer in self.layers:
+            plist = _plist(layer, self.name)
+            prune = None
+            if plist is not None:
+                for index, p in enumerate(plist):
+                    if isinstance(p, _PruneModule):
+                        prune = p
+                        out.append((_chain_value(plist, index), p))
+                        break
+            if prune is None:
+                out.append((getattr(layer, self.name).detach(), None))
+        return out
+
+    @torch.no_grad()
+    def decide(self, step: int, sparsity: float) -> Tensor:
+        """``(O,)`` bool: the channels every member keeps at ``step`` (computed once per step)."""
+        members = self._members()
+        kept = torch.ones(members[0][0].shape[0], dtype=torch.bool)
+        for _, prune in members:
+            if prune is not None:
+                kept &= prune.channel_kept().cpu()
+        cached = self._decided
+        if cached is not None and cached[0] == step and torch.equal(cached[1], kept):
+            return cached[2]
+        score = sum(value.reshape(value.shape[0], -1).norm(dim=1).cpu() for value, _ in members)
+        keep = _top_keep(score, kept, sparsity)  # type: ignore[arg-type]
+        self._decided = (step, kept, keep)
+        return keep
 
 
 def _top_keep(score: Tensor, kept: Tensor, sparsity: float) -> Tensor:
@@ -706,10 +864,102 @@ def constrain(module: nn.Module, *constraints: Constraint, name: str = "weight")
         index = len(plist) - 1
         with torch.no_grad():
             built.project(_stored(plist), functools.partial(_chain_value, plist, index))
+        if isinstance(built, _PruneModule) and built.pattern.kind is PatternKind.CHANNEL:
+            _mask_bias(module, name, built)
 
     _remember_version(module, name)
     _install_hooks(module)
     return module
+
+
+def _mask_bias(module: nn.Module, name: str, prune: _PruneModule) -> None:
+    """Put the channel mask of ``module.weight`` on ``module.bias`` too (same output channels)."""
+    bias = getattr(module, "bias", None)
+    if name != "weight" or not isinstance(bias, Tensor) or bias.dim() != 1:
+        return
+    if bias.shape[0] != prune.mask.shape[0]:
+        return
+    built = _ChannelBiasMask(prune)
+    parametrize.register_parametrization(module, "bias", built, unsafe=True)
+    plist = _plist(module, "bias")
+    assert plist is not None  # registered just above
+    with torch.no_grad():
+        built.project(_stored(plist), functools.partial(_chain_value, plist, len(plist) - 1))
+    _remember_version(module, "bias")
+
+
+# Phases: prune first, then QAT with frozen masks -------------------------------------------------
+
+
+def _prune_modules(model: nn.Module) -> list[tuple[str, _PruneModule]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, _PruneModule)]
+
+
+def freeze_masks(model: nn.Module) -> int:
+    """Stop every pruning mask in ``model`` from changing; returns how many masks it froze.
+
+    A frozen mask still zeroes its stored weights after every optimizer step (masks never come
+    back to life); it only stops pruning more. Warns when a mask is frozen below the sparsity
+    its schedule ends at (the pruning phase was too short). The flag is a buffer, so it travels
+    with ``state_dict``.
+
+    >>> lin = constrain(nn.Linear(8, 2), Prune(0.5))
+    >>> freeze_masks(lin)
+    1
+    """
+    short = []
+    count = 0
+    for path, prune in _prune_modules(model):
+        prune.frozen.fill_(True)
+        count += 1
+        achieved = 1.0 - float(prune.mask.mean())
+        final = prune.schedule.final_value
+        if achieved < final - 0.01:
+            short.append(f"{path or type(model).__name__} at {achieved:.3f} (target {final:.3f})")
+    if short:
+        warnings.warn(
+            f"masks frozen below their schedule's final sparsity: {'; '.join(short)}. Run the "
+            "pruning phase past the schedule's end_step before freeze_masks / start_qat",
+            stacklevel=2,
+        )
+    return count
+
+
+def set_fake_quant(model: nn.Module, enabled: bool) -> int:
+    """Turn fake-quantization of weights and activations on or off; returns how many quantizers.
+
+    Off, every quantizer passes its input through (observers still calibrate in training mode):
+    the first phase of ``sparsity_mode="prune_then_qat"``.
+
+    >>> lin = constrain(nn.Linear(2, 2), FakeQuant())
+    >>> set_fake_quant(lin, False), bool(weight_quantizer(lin).enabled)
+    (1, False)
+    """
+    count = 0
+    for module in model.modules():
+        if isinstance(module, FakeQuantizer) or (
+            getattr(module, "_edgekiln_quant", False) and callable(getattr(module, "enable", None))
+        ):
+            module.enable(bool(enabled))
+            count += 1
+    return count
+
+
+def start_qat(model: nn.Module) -> None:
+    """Switch a model from its pruning phase to QAT: project, freeze the masks, fake-quantize.
+
+    The step ``edgekiln run`` takes between the two phases of ``sparsity_mode="prune_then_qat"``
+    (``prepare`` starts such a model with fake-quantization off).
+
+    >>> lin = constrain(nn.Linear(8, 2), Prune(0.5), FakeQuant())
+    >>> _ = set_fake_quant(lin, False)
+    >>> start_qat(lin)
+    >>> bool(lin.parametrizations.weight[0].frozen), bool(weight_quantizer(lin).enabled)
+    (True, True)
+    """
+    apply_projections(model)
+    freeze_masks(model)
+    set_fake_quant(model, True)
 
 
 # Projections -------------------------------------------------------------------------------------

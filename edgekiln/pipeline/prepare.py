@@ -4,7 +4,8 @@ Steps, in order:
 
 1. trace the model with ``torch.fx`` (a copy: the user's model is left as it was);
 2. fold every BatchNorm into the conv or linear before it (eval-mode statistics);
-3. put the recipe's constraints on every Conv1d, Conv2d and Linear kernel;
+3. put the recipe's constraints on every Conv1d, Conv2d and Linear kernel, with the sparsity
+   pattern fitted to the graph (see "Sparsity patterns" below);
 4. insert activation quantizers wherever the int8 scheme quantizes a tensor: after the
    input, after each conv / linear / add (after its ReLU when one follows, so the output
    range absorbs it), and after average pooling and means. Ops whose int8 kernels need equal
@@ -15,17 +16,45 @@ Steps, in order:
 
 ``capture`` reads the prepared model back through the same classification
 (``edgekiln.pipeline.ops``).
+
+Sparsity patterns
+-----------------
+- ``"channel"``: layers whose outputs are added together (a residual add, through ReLUs, pools
+  and depthwise convs, which keep channels aligned) share one :class:`ChannelGroup`, so they
+  prune the same channels and the sum loses them too; ``capture`` then removes the pruned
+  channels from the graph. Layers whose outputs are the model's outputs (the classifier) are
+  not channel-pruned: that would delete classes.
+- ``"N:M"``: a Linear fed by a flatten of a ``(C, H, W)`` map groups its columns along ``C``
+  (``Prune.flattened_from``), the order TFLite stores them in, so the artifact keeps N:M.
+  Layers where N:M cannot apply (depthwise or grouped convs, an input dimension that is not a
+  multiple of M, e.g. a first conv on 1 or 3 channels) are left dense, with a warning.
+
+``recipe.sparsity_mode = "prune_then_qat"`` starts the model with fake-quantization off (the
+pruning phase); ``edgekiln.pipeline.constraints.start_qat(model)`` freezes the masks and turns
+QAT on for the second phase.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import logging
+import math
+import warnings
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
 
-from edgekiln.pipeline.constraints import constrain
+from edgekiln.pipeline.constraints import (
+    ChannelGroup,
+    Constraint,
+    PatternKind,
+    Prune,
+    constrain,
+    set_fake_quant,
+)
 from edgekiln.pipeline.ops import (
     FUSABLE_ROLES,
     NEW_VALUE_ROLES,
@@ -36,7 +65,9 @@ from edgekiln.pipeline.ops import (
     unsupported,
 )
 from edgekiln.pipeline.quant import FakeQuantizer, activation_spec, fake_quantize
-from edgekiln.pipeline.recipe import Recipe
+from edgekiln.pipeline.recipe import Recipe, SparsityMode
+
+logger = logging.getLogger(__name__)
 
 SOFTMAX_SCALE = 1.0 / 256.0
 SOFTMAX_ZERO_POINT = -128
@@ -80,8 +111,15 @@ class FixedQuant(nn.Module):
         self.spec = activation_spec(bits)
         self.register_buffer("scale", torch.tensor(scale, dtype=torch.float32))
         self.register_buffer("zero_point", torch.tensor(zero_point, dtype=torch.int32))
+        self.enabled = True
+
+    def enable(self, enabled: bool = True) -> None:
+        """Turn fake-quantization on (or off: pass-through, for a float pruning phase)."""
+        self.enabled = bool(enabled)
 
     def forward(self, x: Tensor) -> Tensor:
+        if not self.enabled:
+            return x
         return fake_quantize(x, self.scale, self.zero_point, self.spec)
 
     def qparams(self) -> tuple[Tensor, Tensor]:
@@ -110,11 +148,13 @@ def prepare(
     gm = _trace(copy.deepcopy(model))
     gm.eval()
     _fold_batch_norms(gm)
-    _constrain_kernels(gm, recipe)
+    _constrain_kernels(gm, recipe, inputs)
     _insert_quantizers(gm, recipe)
     gm.graph.lint()
     gm.recompile()
     gm.meta_input_shapes = [tuple(x.shape[1:]) for x in inputs]  # type: ignore[attr-defined]
+    if recipe.prunes and recipe.sparsity_mode is SparsityMode.PRUNE_THEN_QAT:
+        set_fake_quant(gm, False)  # phase 1: pruning only; start_qat(gm) begins phase 2
     gm.train(model.training)
     return gm
 
@@ -197,14 +237,176 @@ def _delete_submodule(gm: fx.GraphModule, target: str) -> None:
         gm.delete_submodule(target)
 
 
-def _constrain_kernels(gm: fx.GraphModule, recipe: Recipe) -> None:
+def _constrain_kernels(gm: fx.GraphModule, recipe: Recipe, inputs: tuple[Tensor, ...]) -> None:
     modules = dict(gm.named_modules())
+    kind = recipe.pattern.kind if recipe.prunes else None  # type: ignore[union-attr]
+    fitted: dict[fx.Node, Prune | None] = {}
+    if kind is PatternKind.CHANNEL:
+        fitted = _channel_prunes(gm, modules, _recipe_prune(recipe))
+    elif kind is PatternKind.N_OF_M:
+        fitted = _n_of_m_prunes(gm, modules, recipe, inputs)
     seen: set[int] = set()
     for node in gm.graph.nodes:
         info = classify(node, modules)
         if info.role == Role.WEIGHTED and id(info.module) not in seen:
             seen.add(id(info.module))
-            constrain(info.module, *recipe.weight_constraints())
+            constraints = recipe.weight_constraints()
+            if node in fitted:
+                constraints = _with_prune(constraints, fitted[node])
+            constrain(info.module, *constraints)
+
+
+def _with_prune(constraints: list[Constraint], prune: Prune | None) -> list[Constraint]:
+    """``constraints`` with its Prune replaced by ``prune`` (or dropped for None)."""
+    out: list[Constraint] = []
+    for c in constraints:
+        if not isinstance(c, Prune):
+            out.append(c)
+        elif prune is not None:
+            out.append(prune)
+    return out
+
+
+def _recipe_prune(recipe: Recipe) -> Prune:
+    return next(c for c in recipe.weight_constraints() if isinstance(c, Prune))
+
+
+# Roles whose output channel c is channel c of their (first) input.
+_CHANNEL_ALIGNED = frozenset(
+    {
+        Role.ACTIVATION,
+        Role.MAX_POOL,
+        Role.AVG_POOL,
+        Role.MEAN,
+        Role.PAD,
+        Role.IDENTITY,
+        Role.QUANT,
+    }
+)
+
+
+def _is_depthwise(module: nn.Module | None) -> bool:
+    return (
+        isinstance(module, nn.Conv1d | nn.Conv2d)
+        and module.groups > 1
+        and module.groups == module.in_channels == module.out_channels
+    )
+
+
+def _channel_prunes(
+    gm: fx.GraphModule, modules: dict[str, nn.Module], prune: Prune
+) -> dict[fx.Node, Prune | None]:
+    """One Prune per weighted node: shared ChannelGroups for layers whose outputs are added,
+    None (no pruning) for layers whose channels are the model's outputs."""
+    space = _Groups()
+    weighted: list[fx.Node] = []
+    for node in gm.graph.nodes:
+        info = classify(node, modules)
+        args = [a for a in _flat_args(node) if isinstance(a, fx.Node)]
+        if info.role == Role.WEIGHTED:
+            weighted.append(node)
+            if _is_depthwise(info.module):
+                space.union(node, args[0])  # depthwise: channel c in, channel c out
+        elif info.role in _CHANNEL_ALIGNED and args:
+            space.union(node, args[0])
+        elif info.role == Role.ADD:
+            for arg in args:
+                space.union(node, arg)
+    heads = {space.find(n) for n in _output_producers(gm, modules)}
+    members: dict[fx.Node, list[fx.Node]] = {}
+    for node in weighted:
+        members.setdefault(space.find(node), []).append(node)
+    fitted: dict[fx.Node, Prune | None] = {}
+    for root, nodes in members.items():
+        if root in heads:
+            logger.info("channel pruning leaves out %s: their outputs are the model's outputs",
+                        ", ".join(str(n.target) for n in nodes))  # fmt: skip
+            fitted.update(dict.fromkeys(nodes))
+            continue
+        layers = list({id(m): m for m in (modules[str(n.target)] for n in nodes)}.values())
+        if len(layers) == 1:
+            continue
+        group = ChannelGroup(layers)
+        for node in nodes:
+            fitted[node] = dataclasses.replace(prune, group=group)
+    return fitted
+
+
+def _output_producers(gm: fx.GraphModule, modules: dict[str, nn.Module]) -> list[fx.Node]:
+    """Weighted nodes whose channels reach a model output through channel-keeping ops."""
+    found: list[fx.Node] = []
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    stack = [a for a in _flat_args(output) if isinstance(a, fx.Node)]
+    seen: set[fx.Node] = set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        role = classify(node, modules).role
+        if role == Role.WEIGHTED:
+            found.append(node)
+        elif role in _CHANNEL_ALIGNED or role in (Role.ADD, Role.RESHAPE, Role.SOFTMAX):
+            stack.extend(a for a in _flat_args(node) if isinstance(a, fx.Node))
+    return found
+
+
+def _n_of_m_prunes(
+    gm: fx.GraphModule, modules: dict[str, nn.Module], recipe: Recipe, inputs: tuple[Tensor, ...]
+) -> dict[fx.Node, Prune | None]:
+    """Fit an N:M Prune to each layer: along C for a Linear after a flatten, none where N:M
+    cannot apply (with one warning naming those layers)."""
+    pattern = recipe.pattern
+    m = pattern.m  # type: ignore[union-attr]
+    prune = _recipe_prune(recipe)
+    with torch.no_grad():
+        ShapeProp(gm).propagate(*(x[:1].detach().float() for x in inputs))
+    fitted: dict[fx.Node, Prune | None] = {}
+    dense: list[str] = []
+    for node in gm.graph.nodes:
+        info = classify(node, modules)
+        if info.role != Role.WEIGHTED:
+            continue
+        module = info.module
+        weight = module.weight  # type: ignore[union-attr]
+        grouped = isinstance(module, nn.Conv1d | nn.Conv2d) and module.groups > 1
+        chw = _flattened_from(node, modules) if isinstance(module, nn.Linear) else None
+        if chw is not None and math.prod(chw[1:]) > 1:
+            if chw[0] % m:
+                dense.append(f"{node.target} (flattened from {chw[0]} channels)")
+                fitted[node] = None
+            else:
+                fitted[node] = dataclasses.replace(prune, flattened_from=chw)
+        elif grouped or weight.shape[1] % m:
+            why = f"groups={module.groups}" if grouped else f"{weight.shape[1]} inputs"
+            dense.append(f"{node.target} ({why})")
+            fitted[node] = None
+    if dense:
+        warnings.warn(
+            f"pattern '{pattern}' groups {m} consecutive inputs, which these layers cannot "
+            f"hold; they stay dense: {', '.join(dense)}. Way out: widen them to a multiple of "
+            f"{m} inputs, or use pattern='unstructured'",
+            stacklevel=3,
+        )
+    return fitted
+
+
+def _flattened_from(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[int, ...] | None:
+    """``(C, *spatial)`` when a Linear's input is a flatten of such a map, else None."""
+    source = node.args[0] if node.args else None
+    while isinstance(source, fx.Node):
+        role = classify(source, modules).role
+        if role in (Role.IDENTITY, Role.QUANT):
+            source = source.args[0]
+            continue
+        if role != Role.RESHAPE:
+            return None
+        x = source.args[0]
+        meta = x.meta.get("tensor_meta") if isinstance(x, fx.Node) else None
+        if meta is None or len(meta.shape) < 3:
+            return None
+        return tuple(int(d) for d in meta.shape[1:])
+    return None
 
 
 class _Groups:

@@ -22,6 +22,7 @@ TOML layout and how it maps to :class:`Recipe` fields (:meth:`Recipe.from_tables
     end_step = 1000                  #   PolynomialDecay.end_step
     frequency = 100                  #   PolynomialDecay.frequency
     power = 3                        #   PolynomialDecay.power
+    mode = "joint"                   # sparsity_mode: joint | prune_then_qat
 
 In a flat table (``from_dict``), the ``[sparsity]`` keys may appear as ``sparsity`` (a number) and
 ``pattern``. Errors are :class:`RecipeError` naming the key path (``[sparsity] pattern``), the value
@@ -30,6 +31,7 @@ given and what is allowed.
 
 from __future__ import annotations
 
+import enum
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -39,7 +41,23 @@ from edgekiln.pipeline.constraints import L1, L2, Clip, Constraint, FakeQuant, P
 from edgekiln.pipeline.quant import ObserverKind, weight_spec
 from edgekiln.pipeline.schedules import PolynomialDecay, SparsitySchedule
 
-__all__ = ["Recipe", "RecipeError"]
+__all__ = ["Recipe", "RecipeError", "SparsityMode"]
+
+
+class SparsityMode(str, enum.Enum):
+    """How pruning and quantization-aware training share the fine-tuning.
+
+    ``JOINT``: masks and fake-quantization train together from the first step.
+    ``PRUNE_THEN_QAT``: a pruning phase with fake-quantization off (``prepare`` starts the model
+    so), then :func:`edgekiln.pipeline.constraints.start_qat` freezes the masks and QAT runs
+    with them fixed. Either way a pruned weight never comes back.
+
+    >>> SparsityMode("prune_then_qat")
+    <SparsityMode.PRUNE_THEN_QAT: 'prune_then_qat'>
+    """
+
+    JOINT = "joint"
+    PRUNE_THEN_QAT = "prune_then_qat"
 
 
 class RecipeError(ValueError):
@@ -82,6 +100,8 @@ class Recipe:
         observer: Activation observer: "minmax", "moving_average" or "last_value".
         weight_observer: Weight observer (default "last_value": the current kernel's range).
         freeze_observers_after: Freeze observers after this many training forwards; None never.
+        sparsity_mode: "joint" (prune during QAT) or "prune_then_qat" (prune with
+            fake-quantization off, then QAT with frozen masks); see :class:`SparsityMode`.
 
     Raises:
         RecipeError: Any field out of its allowed values.
@@ -102,6 +122,7 @@ class Recipe:
     observer: ObserverKind | str = ObserverKind.MOVING_AVERAGE
     weight_observer: ObserverKind | str = ObserverKind.LAST_VALUE
     freeze_observers_after: int | None = None
+    sparsity_mode: SparsityMode | str = SparsityMode.JOINT
 
     def __post_init__(self) -> None:
         where = "quantize"
@@ -130,6 +151,11 @@ class Recipe:
         object.__setattr__(self, "l1", _number(where, "l1", self.l1, 0.0))
         object.__setattr__(self, "l2", _number(where, "l2", self.l2, 0.0))
         self._check_sparsity()
+        try:
+            object.__setattr__(self, "sparsity_mode", SparsityMode(self.sparsity_mode))
+        except ValueError:
+            allowed = ", ".join(repr(m.value) for m in SparsityMode)
+            raise _fail("sparsity", "mode", self.sparsity_mode, allowed) from None
 
     def _check_sparsity(self) -> None:
         try:
@@ -238,12 +264,13 @@ class Recipe:
         if not isinstance(quantize, Mapping):
             raise RecipeError(f"[quantize] must be a table of keys, got {type(quantize).__name__}")
         recipe_fields = dict(quantize)
-        for key in ("sparsity", "pattern"):
+        for key, as_key in (
+            ("sparsity", "target"),
+            ("pattern", "pattern"),
+            ("sparsity_mode", "mode"),
+        ):
             if key in recipe_fields:
-                raise RecipeError(
-                    f"[quantize] {key} belongs in the [sparsity] table (as "
-                    f"{'target' if key == 'sparsity' else key})"
-                )
+                raise RecipeError(f"[quantize] {key} belongs in the [sparsity] table (as {as_key})")
         table = document.get("sparsity")
         if table is not None:
             recipe_fields.update(_sparsity_fields(table))
@@ -259,6 +286,7 @@ _SPARSITY_KEYS = (
     "end_step",
     "frequency",
     "power",
+    "mode",
 )
 
 
@@ -275,6 +303,8 @@ def _sparsity_fields(table: object) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if "pattern" in table:
         out["pattern"] = table["pattern"]
+    if "mode" in table:
+        out["sparsity_mode"] = table["mode"]
     schedule = table.get("schedule", "constant")
     target = table.get("target")
     if schedule == "constant":
