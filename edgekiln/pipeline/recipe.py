@@ -23,6 +23,7 @@ TOML layout and how it maps to :class:`Recipe` fields (:meth:`Recipe.from_tables
     frequency = 100                  #   PolynomialDecay.frequency
     power = 3                        #   PolynomialDecay.power
     mode = "joint"                   # sparsity_mode: joint | prune_then_qat
+    sweep = [0.25, 0.5, 0.75]        # sparsity_sweep: targets edgekiln run compares, optional
 
 In a flat table (``from_dict``), the ``[sparsity]`` keys may appear as ``sparsity`` (a number) and
 ``pattern``. Errors are :class:`RecipeError` naming the key path (``[sparsity] pattern``), the value
@@ -34,7 +35,7 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from edgekiln.pipeline.constraints import L1, L2, Clip, Constraint, FakeQuant, Pattern, Prune
@@ -102,6 +103,8 @@ class Recipe:
         freeze_observers_after: Freeze observers after this many training forwards; None never.
         sparsity_mode: "joint" (prune during QAT) or "prune_then_qat" (prune with
             fake-quantization off, then QAT with frozen masks); see :class:`SparsityMode`.
+        sparsity_sweep: Sparsity targets to fine-tune and compare, each in [0, 1), ascending;
+            empty for none. :meth:`at_sparsity` gives the recipe of one point.
 
     Raises:
         RecipeError: Any field out of its allowed values.
@@ -123,6 +126,7 @@ class Recipe:
     weight_observer: ObserverKind | str = ObserverKind.LAST_VALUE
     freeze_observers_after: int | None = None
     sparsity_mode: SparsityMode | str = SparsityMode.JOINT
+    sparsity_sweep: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         where = "quantize"
@@ -156,6 +160,41 @@ class Recipe:
         except ValueError:
             allowed = ", ".join(repr(m.value) for m in SparsityMode)
             raise _fail("sparsity", "mode", self.sparsity_mode, allowed) from None
+        self._check_sweep()
+
+    def _check_sweep(self) -> None:
+        sweep = self.sparsity_sweep
+        allowed = "a list of sparsity targets in [0, 1), ascending, e.g. [0.25, 0.5, 0.75]"
+        if not isinstance(sweep, (tuple, list)):
+            raise _fail("sparsity", "sweep", sweep, allowed)
+        values = tuple(_number("sparsity", "sweep", v, 0.0, 1.0) for v in sweep)
+        if list(values) != sorted(set(values)):
+            raise _fail("sparsity", "sweep", list(sweep), allowed)
+        if values and Pattern.parse(self.pattern).sparsity is not None:
+            raise _fail(
+                "sparsity",
+                "sweep",
+                list(sweep),
+                f"none with pattern '{self.pattern}' (it fixes "
+                "the sparsity); sweep with pattern 'unstructured' or 'channel'",
+            )
+        object.__setattr__(self, "sparsity_sweep", values)
+
+    def at_sparsity(self, sparsity: float) -> Recipe:
+        """This recipe at one sweep point: ``sparsity`` as the (final) target, no sweep.
+
+        A schedule keeps its shape and ends at ``sparsity`` instead.
+
+        >>> r = Recipe(pattern="channel", sparsity_sweep=[0.25, 0.5])
+        >>> [x.sparsity for x in map(r.at_sparsity, r.sparsity_sweep)]
+        [0.25, 0.5]
+        """
+        target: float | SparsitySchedule = sparsity
+        if isinstance(self.sparsity, PolynomialDecay):
+            s = _number("sparsity", "sweep", sparsity, 0.0, 1.0)
+            initial = min(self.sparsity.initial_sparsity, s)
+            target = replace(self.sparsity, initial_sparsity=initial, final_sparsity=s)
+        return replace(self, sparsity=target, sparsity_sweep=())
 
     def _check_sparsity(self) -> None:
         try:
@@ -242,8 +281,9 @@ class Recipe:
                     f"[{where}] {key} is not a known key: allowed {', '.join(allowed)}"
                 )
         values = dict(d)
-        if isinstance(values.get("clip"), list):
-            values["clip"] = tuple(values["clip"])
+        for key in ("clip", "sparsity_sweep"):
+            if isinstance(values.get(key), list):
+                values[key] = tuple(values[key])
         return cls(**values)
 
     @classmethod
@@ -287,6 +327,7 @@ _SPARSITY_KEYS = (
     "frequency",
     "power",
     "mode",
+    "sweep",
 )
 
 
@@ -305,6 +346,9 @@ def _sparsity_fields(table: object) -> dict[str, Any]:
         out["pattern"] = table["pattern"]
     if "mode" in table:
         out["sparsity_mode"] = table["mode"]
+    if "sweep" in table:
+        sweep = table["sweep"]
+        out["sparsity_sweep"] = tuple(sweep) if isinstance(sweep, list) else sweep
     schedule = table.get("schedule", "constant")
     target = table.get("target")
     if schedule == "constant":
