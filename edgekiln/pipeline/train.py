@@ -60,22 +60,29 @@ def fit(
     *,
     loss: Loss = Loss.CROSS_ENTROPY,
     on_step: StepCallback | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    first_epoch: int = 0,
+    on_epoch_end: Callable[[int, float], None] | None = None,
 ) -> list[float]:
     """Train ``model`` in place on ``x`` (float32, batch first); return each epoch's mean loss.
 
-    ``y`` holds class ids for ``Loss.CROSS_ENTROPY`` and is ignored for ``Loss.MSE``.
+    ``y`` holds class ids for ``Loss.CROSS_ENTROPY`` and is ignored for ``Loss.MSE``. Each
+    epoch shuffles with its own seed (``config.seed`` and the epoch number), so a run resumed
+    at ``first_epoch`` with the saved ``optimizer`` repeats what an uninterrupted run does.
+    ``on_epoch_end(epoch, mean_loss)`` is where a caller saves a checkpoint.
     """
     if loss == Loss.CROSS_ENTROPY and y is None:
         raise ValueError("classification training needs labels y; pass y or use Loss.MSE")
-    generator = torch.Generator().manual_seed(config.seed)
     xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     yt = torch.from_numpy(np.asarray(y, dtype=np.int64)) if y is not None else None
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    if optimizer is None:
+        optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     criterion: nn.Module = nn.CrossEntropyLoss() if loss == Loss.CROSS_ENTROPY else nn.MSELoss()
     steps = max(1, -(-len(xt) // config.batch_size))
     history = []
     model.train()
-    for epoch in range(config.epochs):
+    for epoch in range(first_epoch, config.epochs):
+        generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
         order = torch.randperm(len(xt), generator=generator)
         total = 0.0
         for step in range(steps):
@@ -91,6 +98,8 @@ def fit(
             if on_step is not None:
                 on_step(epoch, step, steps, loss_value)
         history.append(total / steps)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, total / steps)
     return history
 
 

@@ -1,0 +1,389 @@
+"""The ``edgekiln`` command: run, validate, check, targets, export.
+
+Exit codes: 0 success; 1 a regression (``check``) or a failed target (``validate``);
+2 unusable input (a bad recipe, a missing file, a report of another schema).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+EXIT_OK, EXIT_FAIL, EXIT_UNUSABLE = 0, 1, 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``edgekiln`` console script and ``python -m edgekiln``."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if not args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if args.command is None:
+        parser.print_help()
+        return EXIT_UNUSABLE
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        print("\ninterrupted; resume with `edgekiln run --resume DIR`", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"edgekiln {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_UNUSABLE
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="edgekiln",
+        description="Quantization-aware fine-tuning, int8 ONNX/TFLite export and validation "
+        "on edge runtimes and simulated microcontrollers.",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="log what each stage does")
+    sub = p.add_subparsers(dest="command")
+
+    r = sub.add_parser("run", help="float training, QAT, export, validation and a report")
+    r.add_argument("recipe", nargs="?", type=Path, help="TOML recipe (default: built-in)")
+    r.add_argument("--out", type=Path, help="run directory (default: runs/<timestamp>)")
+    r.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
+    r.add_argument("--resume", type=Path, metavar="DIR", help="finish an interrupted run")
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
+    r.set_defaults(func=_cmd_run)
+
+    v = sub.add_parser("validate", help="run artifacts on targets and write a report")
+    v.add_argument("artifacts", nargs="+", type=Path, help=".onnx and/or .tflite files")
+    v.add_argument(
+        "--data", type=Path, required=True, help=".npz with float x_test (and optional y_test)"
+    )
+    v.add_argument(
+        "--target",
+        action="append",
+        dest="targets",
+        required=True,
+        help="onnxruntime | litert | tflm | mcu:BOARD (repeatable)",
+    )
+    v.add_argument(
+        "--kernels",
+        default="cmsis-nn",
+        choices=("cmsis-nn", "reference"),
+        help="kernel library of the mcu latency model",
+    )
+    v.add_argument("--runs", type=int, default=50, help="timed runs per measured target")
+    v.add_argument("--json", type=Path, help="write the report (report.json schema) here")
+    v.add_argument(
+        "--save-outputs",
+        type=Path,
+        metavar="OUT.npz",
+        help="raw output tensors of each target, keyed by target name",
+    )
+    v.set_defaults(func=_cmd_validate)
+
+    c = sub.add_parser("check", help="fail when a report regressed against a baseline")
+    c.add_argument("report", type=Path)
+    c.add_argument("--baseline", type=Path, required=True)
+    for name, help_ in (
+        ("max-accuracy-drop", "largest allowed accuracy drop, as a fraction (0.005 = 0.5 points)"),
+        ("max-agreement-drop", "largest allowed drop of agreement with the fake-quant model"),
+        ("max-arena-growth", "largest allowed arena growth, as a fraction"),
+        ("max-flash-growth", "largest allowed flash growth, as a fraction"),
+        ("max-latency-growth", "largest allowed latency growth, as a fraction"),
+    ):
+        c.add_argument(f"--{name}", type=float, help=help_)
+    c.set_defaults(func=_cmd_check)
+
+    t = sub.add_parser("targets", help="list the targets and board profiles")
+    t.add_argument("--json", action="store_true", help="as JSON")
+    t.set_defaults(func=_cmd_targets)
+
+    e = sub.add_parser("export", help="write a saved graph as .onnx or .tflite (no PyTorch)")
+    e.add_argument("graph", type=Path, help="graph.npz from a run directory")
+    e.add_argument("output", type=Path, help="model.onnx or model.tflite")
+    e.add_argument("--io", choices=("float", "int8"), help="boundary type (default per format)")
+    e.set_defaults(func=_cmd_export)
+    return p
+
+
+# ---- run ---------------------------------------------------------------------------------
+
+
+class _Bars:
+    """tqdm progress bars on stderr, one per stage."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.bar: Any = None
+
+    def start(self, stage: str, total: int | None) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        self.bar = tqdm(
+            total=total,
+            desc=f"{stage:<16}",
+            unit="step",
+            file=sys.stderr,
+            leave=True,
+            dynamic_ncols=True,
+            bar_format=None if total else "{desc} {elapsed}",
+        )
+
+    def advance(self, n: int = 1, note: str = "") -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+            if note:
+                self.bar.set_postfix_str(note, refresh=False)
+
+    def finish(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from edgekiln.config import load_config
+    from edgekiln.run import load_run_config_for_resume, prepare_run_dir, run
+
+    if args.resume is not None:
+        if args.recipe is not None or args.out is not None:
+            raise ValueError(
+                "--resume DIR takes the recipe and directory of that run; drop the recipe and --out"
+            )
+        config = load_run_config_for_resume(args.resume)
+        run_dir = args.resume
+    else:
+        config = load_config(args.recipe)
+        run_dir = prepare_run_dir(args.out, force=args.force)
+    bars = _Bars(enabled=not args.quiet)
+    print(f"edgekiln run: {config.source} -> {run_dir}", file=sys.stderr)
+    report = run(config, run_dir, resume=args.resume is not None, progress=bars)
+    print(summary(report))
+    print(f"\nreport: {run_dir / 'report.html'}\n        {run_dir / 'report.json'}")
+    return EXIT_OK
+
+
+def summary(report: dict[str, Any]) -> str:
+    """The terminal table: per target accuracy, agreement, latency, arena and flash."""
+    lines = []
+    training = report.get("training") or {}
+    if training:
+        lines.append(
+            f"float accuracy {_pct(training.get('float_accuracy'))}   "
+            f"fake-quant accuracy {_pct(training.get('fake_quant_accuracy'))}   "
+            f"sparsity {_pct((report.get('sparsity') or {}).get('total'))}   "
+            f"{training.get('seconds', 0):.0f} s"
+        )
+    header = ("target", "accuracy", "agreement", "LSB max", "latency", "arena", "flash", "status")
+    rows = [header]
+    for t in report.get("targets", []):
+        latency = t.get("latency_ms")
+        lat = (
+            "-"
+            if latency is None
+            else (f"{latency:.3f} ms" + (" (est.)" if t.get("latency_kind") == "estimated" else ""))
+        )
+        lsb = t.get("lsb") or {}
+        rows.append(
+            (
+                t["name"],
+                _pct(t.get("accuracy")),
+                _pct(t.get("agreement")),
+                str(lsb.get("max", "-")),
+                lat,
+                _kib(t.get("arena_bytes")),
+                _kib(t.get("flash_bytes")),
+                "ok" if t.get("ok") else "FAILED",
+            )
+        )
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]
+    for i, row in enumerate(rows):
+        lines.append("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)))
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    for t in report.get("targets", []):
+        if not t.get("ok") and t.get("error"):
+            lines.append(f"{t['name']}: {t['error']}")
+    return "\n".join(lines)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def _kib(value: int | None) -> str:
+    return "-" if value is None else f"{value / 1024:.1f} KiB"
+
+
+# ---- validate ------------------------------------------------------------------------------
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    import numpy as np
+
+    from edgekiln.models.datasets import load_npz
+    from edgekiln.validate import artifact_format, pairwise, run_targets, target_entry
+
+    for path in args.artifacts:
+        if not path.is_file():
+            raise FileNotFoundError(f"artifact {str(path)!r} does not exist")
+    artifacts: dict[str, Path] = {}
+    for path in args.artifacts:
+        fmt = {".onnx": "onnx", ".tflite": "tflite"}.get(path.suffix.lower())
+        if fmt is None:
+            raise ValueError(f"artifact {str(path)!r}: use a .onnx or .tflite file")
+        if fmt in artifacts:
+            raise ValueError(f"two {fmt} artifacts given ({artifacts[fmt]}, {path}); pass one")
+        artifacts[fmt] = path
+    for name in args.targets:
+        if artifact_format(name) not in artifacts and name in ("onnxruntime", "litert", "tflm"):
+            raise ValueError(f"target {name!r} needs a .{artifact_format(name)} artifact")
+    data = load_npz(args.data)
+    bars = _Bars(enabled=True)
+    bars.start("validation", len(args.targets))
+    results = run_targets(
+        args.targets,
+        artifacts,
+        data.x_test,
+        data.y_test,
+        kernels=args.kernels,
+        latency_runs=args.runs,
+        on_done=lambda r: bars.advance(1, r.target),
+    )
+    bars.finish()
+    report = {
+        "schema_version": 1,
+        "edgekiln_version": _version(),
+        "kind": "validate",
+        "created": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "recipe": None,
+        "model": None,
+        "training": None,
+        "sparsity": None,
+        "quantization": None,
+        "data": {
+            "source": str(args.data),
+            "description": data.source,
+            "n_train": 0,
+            "n_test": len(data.x_test),
+        },
+        "artifacts": [_artifact_entry(p) for p in artifacts.values()],
+        "targets": [
+            target_entry(r, str(artifacts.get(artifact_format(r.target), ""))) for r in results
+        ],
+        "pairwise": pairwise(results),
+        "check": {},
+    }
+    if args.json:
+        from edgekiln.report import write_report
+
+        write_report(report, args.json)
+    if args.save_outputs:
+        from edgekiln.ir import atomic_write
+
+        arrays = {r.target: r.outputs for r in results if r.outputs is not None}
+        atomic_write(args.save_outputs, lambda f: np.savez(f, **arrays))
+    print(summary(report))
+    for row in report["pairwise"]:
+        print(
+            f"{row['a']} vs {row['b']}: {row['differing']} of {row['compared']} values differ, "
+            f"max {row['max_lsb']} LSB"
+        )
+    return EXIT_OK if all(r.ok for r in results) else EXIT_FAIL
+
+
+def _artifact_entry(path: Path) -> dict[str, Any]:
+    import gzip
+    import hashlib
+
+    data = path.read_bytes()
+    return {
+        "path": str(path),
+        "format": path.suffix.lstrip(".").lower(),
+        "bytes": len(data),
+        "gzip_bytes": len(gzip.compress(data, mtime=0)),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
+
+
+def _version() -> str:
+    from edgekiln import __version__
+
+    return __version__
+
+
+# ---- check, targets, export ------------------------------------------------------------------
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from edgekiln.report import ReportError, Thresholds, check_reports, format_check, load_report
+
+    try:
+        report, baseline = load_report(args.report), load_report(args.baseline)
+    except ReportError as e:
+        print(f"edgekiln check: unusable input: {e}", file=sys.stderr)
+        return EXIT_UNUSABLE
+    given = {
+        k: getattr(args, k)
+        for k in (
+            "max_accuracy_drop",
+            "max_agreement_drop",
+            "max_arena_growth",
+            "max_flash_growth",
+            "max_latency_growth",
+        )
+        if getattr(args, k) is not None
+    }
+    thresholds = None
+    if given:
+        base = dict(baseline.get("check") or {})
+        thresholds = Thresholds.from_dict({**base, **given})
+    result = check_reports(report, baseline, thresholds)
+    print(format_check(result))
+    return int(result.status)
+
+
+def _cmd_targets(args: argparse.Namespace) -> int:
+    from edgekiln.targets.mcu.boards import BOARDS
+
+    runtimes = [
+        ("onnxruntime", "ONNX Runtime on this CPU, exact int8 x int8 kernels (.onnx)"),
+        ("litert", "LiteRT (TFLite) on this CPU, XNNPACK (.tflite)"),
+        ("tflm", "TensorFlow Lite Micro's kernels on the host; measures the arena (.tflite)"),
+    ]
+    if args.json:
+        doc = {
+            "runtimes": [{"name": n, "description": d} for n, d in runtimes],
+            "boards": [dict(vars(b), target=f"mcu:{k}") for k, b in sorted(BOARDS.items())],
+        }
+        print(json.dumps(doc, indent=2, default=str))
+        return EXIT_OK
+    for name, desc in runtimes:
+        print(f"{name:<22} {desc}")
+    print("\nsimulated microcontrollers (edgekiln's bit-exact integer simulator):")
+    print(f"{'target':<22} {'core':<16} {'clock':>9} {'SRAM':>10} {'flash':>10}  source")
+    for key, b in sorted(BOARDS.items()):
+        print(
+            f"{'mcu:' + key:<22} {b.core:<16} {b.clock_hz / 1e6:>6.0f} MHz "
+            f"{b.sram_bytes // 1024:>6} KiB {b.flash_bytes // 1024:>6} KiB  {b.source}"
+        )
+    return EXIT_OK
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from edgekiln.api import export
+    from edgekiln.ir import load_graph
+
+    path = export(load_graph(args.graph), None, args.output, io=args.io)
+    print(f"wrote {path} ({path.stat().st_size} bytes)")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,386 @@
+"""The run recipe: a TOML file whose every key is optional, turned into validated dataclasses.
+
+The tables and their defaults (the built-in default run is this file with nothing in it)::
+
+    [model]
+    source = "edgekiln.models:small_cnn"   # "edgekiln.models:NAME" or "pkg.module:callable"
+    input_shape = [1, 28, 28]              # (C, H, W) without the batch; default: the data's shape
+    kwargs = {}                            # keyword arguments for the callable
+
+    [data]
+    source = "mnist"                       # mnist | digits | synthetic_* | path/to/data.npz
+    limit = 0                              # at most this many samples per split; 0 = all
+
+    [train]
+    float_epochs = 2                       # float training before QAT; 0 = use the model as given
+    qat_epochs = 1                         # quantization-aware fine-tuning
+    batch_size = 64
+    lr = 0.002                             # Adam, float phase
+    qat_lr = 0.0005                        # Adam, QAT phase
+    seed = 0
+
+    [quantize]  and  [sparsity]            # the fields of edgekiln.Recipe (see pipeline/recipe.py)
+    # default: int8 QAT, [sparsity] target = 0.5, pattern = "unstructured"
+
+    [export]
+    formats = ["onnx", "tflite"]
+    onnx_io = "float"                      # float | int8 boundary of the ONNX artifact
+    tflite_io = "int8"                     # int8 | float boundary of the TFLite artifact
+
+    [targets]
+    names = ["onnxruntime", "litert", "tflm", "mcu:nucleo-l4r5zi", "mcu:nrf52840"]
+    kernels = "cmsis-nn"                   # cmsis-nn | reference: the simulator's latency model
+    latency_runs = 50                      # timed runs per measured target (after 5 warm-ups)
+    [[targets.boards]]                     # a board of your own, usable as "mcu:NAME"
+    name = "my-board"  core = "cortex-m4"  clock_hz = 80_000_000  sram_bytes = 262144 ...
+
+    [check]                                # thresholds recorded in the report for `edgekiln check`
+    max_accuracy_drop = 0.005
+
+Strings are accepted only here and turned into the library's enums and objects; every error
+names the key path (``[train] lr``), the value given and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+BUILTIN_DATA = (
+    "mnist",
+    "digits",
+    "synthetic_kws",
+    "synthetic_vww",
+    "synthetic_cifar",
+    "synthetic_anomaly",
+)
+DEFAULT_TARGETS = ("onnxruntime", "litert", "tflm", "mcu:nucleo-l4r5zi", "mcu:nrf52840")
+RUNTIME_TARGETS = ("onnxruntime", "litert", "tflm")
+FORMATS = ("onnx", "tflite")
+IO_CHOICES = ("float", "int8")
+KERNEL_CHOICES = ("cmsis-nn", "reference")
+
+
+class ConfigError(ValueError):
+    """A recipe key with a bad value, an unknown key or table, or a missing file."""
+
+
+def _fail(where: str, value: Any, allowed: str) -> ConfigError:
+    return ConfigError(f"{where} = {value!r} is not valid: allowed {allowed}")
+
+
+def _int(where: str, value: Any, low: int, high: int | None = None) -> int:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < low
+        or (high is not None and value > high)
+    ):
+        bound = f"from {low} to {high}" if high is not None else f">= {low}"
+        raise _fail(where, value, f"a whole number {bound}")
+    return value
+
+
+def _float(where: str, value: Any, low: float, high: float) -> float:
+    ok = not isinstance(value, bool) and isinstance(value, int | float)
+    if not ok or not math.isfinite(value) or not low < value < high:
+        raise _fail(where, value, f"a number in ({low:g}, {high:g})")
+    return float(value)
+
+
+def _choice(where: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise _fail(where, value, " | ".join(choices))
+    return str(value)
+
+
+def _table(doc: dict[str, Any], name: str) -> dict[str, Any]:
+    table = doc.get(name, {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"[{name}] must be a table of keys, got {type(table).__name__}")
+    return dict(table)
+
+
+def _no_unknown(name: str, table: dict[str, Any], cls: type) -> None:
+    known = [f.name for f in fields(cls)]
+    for key in table:
+        if key not in known:
+            raise ConfigError(
+                f"[{name}] {key} is not a recipe key: allowed keys are {', '.join(known)}"
+            )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model: a built-in architecture or a user's callable returning an nn.Module."""
+
+    source: str = "edgekiln.models:small_cnn"
+    input_shape: tuple[int, ...] | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_table(cls, table: dict[str, Any]) -> ModelConfig:
+        """Validate ``[model]``."""
+        _no_unknown("model", table, cls)
+        source = table.get("source", cls.source)
+        if not isinstance(source, str) or source.count(":") != 1 or not all(source.split(":")):
+            raise _fail(
+                "[model] source", source, '"edgekiln.models:NAME" or "package.module:callable"'
+            )
+        shape = table.get("input_shape")
+        if shape is not None:
+            if not isinstance(shape, list) or not 1 <= len(shape) <= 3:
+                raise _fail("[model] input_shape", shape, "a list of 1 to 3 sizes like [1, 28, 28]")
+            shape = tuple(_int("[model] input_shape", d, 1) for d in shape)
+        kwargs = table.get("kwargs", {})
+        if not isinstance(kwargs, dict):
+            raise _fail("[model] kwargs", kwargs, "a table of keyword arguments")
+        return cls(source, shape, dict(kwargs))
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which data: a built-in offline set or a user's ``.npz`` (resolved against the recipe)."""
+
+    source: str = "mnist"
+    limit: int = 0
+
+    @classmethod
+    def from_table(cls, table: dict[str, Any], base: Path) -> DataConfig:
+        """Validate ``[data]``; a path is resolved against ``base`` and must exist."""
+        _no_unknown("data", table, cls)
+        source = table.get("source", cls.source)
+        if not isinstance(source, str) or not source:
+            raise _fail("[data] source", source, f"{' | '.join(BUILTIN_DATA)} or a path to .npz")
+        if source not in BUILTIN_DATA:
+            if not source.endswith(".npz"):
+                raise _fail(
+                    "[data] source", source, f"{' | '.join(BUILTIN_DATA)} or a path ending in .npz"
+                )
+            path = (base / source).resolve()
+            if not path.is_file():
+                raise ConfigError(f"[data] source: file {str(path)!r} does not exist")
+            source = str(path)
+        return cls(source, _int("[data] limit", table.get("limit", 0), 0))
+
+    @property
+    def is_builtin(self) -> bool:
+        """True for a built-in data set name."""
+        return self.source in BUILTIN_DATA
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    """The two training phases: float, then quantization-aware."""
+
+    float_epochs: int = 2
+    qat_epochs: int = 1
+    batch_size: int = 64
+    lr: float = 2e-3
+    qat_lr: float = 5e-4
+    seed: int = 0
+
+    @classmethod
+    def from_table(cls, table: dict[str, Any]) -> TrainSection:
+        """Validate ``[train]``."""
+        _no_unknown("train", table, cls)
+        d = cls()
+        return cls(
+            float_epochs=_int("[train] float_epochs", table.get("float_epochs", d.float_epochs), 0),
+            qat_epochs=_int("[train] qat_epochs", table.get("qat_epochs", d.qat_epochs), 0),
+            batch_size=_int("[train] batch_size", table.get("batch_size", d.batch_size), 1),
+            lr=_float("[train] lr", table.get("lr", d.lr), 0, 10),
+            qat_lr=_float("[train] qat_lr", table.get("qat_lr", d.qat_lr), 0, 10),
+            seed=_int("[train] seed", table.get("seed", d.seed), 0),
+        )
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Which artifacts, and their boundaries."""
+
+    formats: tuple[str, ...] = FORMATS
+    onnx_io: str = "float"
+    tflite_io: str = "int8"
+
+    @classmethod
+    def from_table(cls, table: dict[str, Any]) -> ExportConfig:
+        """Validate ``[export]``."""
+        _no_unknown("export", table, cls)
+        formats = table.get("formats", list(FORMATS))
+        if not isinstance(formats, list) or not formats:
+            raise _fail("[export] formats", formats, 'a non-empty list of "onnx", "tflite"')
+        formats = tuple(_choice("[export] formats", f, FORMATS) for f in formats)
+        return cls(
+            formats,
+            _choice("[export] onnx_io", table.get("onnx_io", "float"), IO_CHOICES),
+            _choice("[export] tflite_io", table.get("tflite_io", "int8"), IO_CHOICES),
+        )
+
+
+@dataclass(frozen=True)
+class TargetsConfig:
+    """Where the artifacts run."""
+
+    names: tuple[str, ...] = DEFAULT_TARGETS
+    kernels: str = "cmsis-nn"
+    latency_runs: int = 50
+    boards: tuple[dict[str, Any], ...] = ()
+
+    @classmethod
+    def from_table(cls, table: dict[str, Any], formats: tuple[str, ...]) -> TargetsConfig:
+        """Validate ``[targets]``; each target needs the artifact format it runs."""
+        _no_unknown("targets", table, cls)
+        names = table.get("names", list(DEFAULT_TARGETS))
+        if not isinstance(names, list):
+            raise _fail("[targets] names", names, "a list of target names")
+        boards = table.get("boards", [])
+        if not isinstance(boards, list) or not all(isinstance(b, dict) for b in boards):
+            raise _fail("[targets] boards", boards, "an array of tables ([[targets.boards]])")
+        board_names = {b.get("name") for b in boards}
+        for name in names:
+            if not isinstance(name, str) or not (
+                name in RUNTIME_TARGETS or name.startswith("mcu:")
+            ):
+                raise _fail(
+                    "[targets] names",
+                    name,
+                    f"{' | '.join(RUNTIME_TARGETS)} | mcu:BOARD (see `edgekiln targets`)",
+                )
+            needs = "onnx" if name == "onnxruntime" else "tflite"
+            if needs not in formats:
+                raise ConfigError(
+                    f"[targets] names: target {name!r} runs the {needs} artifact, but "
+                    f"[export] formats = {list(formats)}; add {needs!r} to [export] formats"
+                )
+            if name.startswith("mcu:"):
+                _check_board(name[4:], board_names)
+        return cls(
+            tuple(names),
+            _choice("[targets] kernels", table.get("kernels", "cmsis-nn"), KERNEL_CHOICES),
+            _int("[targets] latency_runs", table.get("latency_runs", 50), 0, 10_000),
+            tuple(dict(b) for b in boards),
+        )
+
+
+def _check_board(name: str, custom: set[Any]) -> None:
+    if name in custom:
+        return
+    from edgekiln.targets.mcu.boards import get_board
+
+    try:
+        get_board(name)
+    except (KeyError, ValueError) as e:
+        raise ConfigError(f"[targets] names: mcu:{name}: {e}") from None
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A whole run: every table of the recipe, validated."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainSection = field(default_factory=TrainSection)
+    quantize: dict[str, Any] = field(default_factory=dict)
+    sparsity: dict[str, Any] = field(default_factory=lambda: {"target": 0.5})
+    export: ExportConfig = field(default_factory=ExportConfig)
+    targets: TargetsConfig = field(default_factory=TargetsConfig)
+    check: dict[str, Any] = field(default_factory=dict)
+    source: str = "built-in default"
+    raw: dict[str, Any] = field(default_factory=dict)  # the TOML document, for --resume
+    base: str = "."  # the directory paths in the recipe resolve against
+
+    def recipe(self) -> Any:
+        """The ``edgekiln.Recipe`` of the ``[quantize]`` and ``[sparsity]`` tables."""
+        from edgekiln.pipeline.recipe import Recipe
+
+        return Recipe.from_tables({"quantize": self.quantize, "sparsity": self.sparsity})
+
+    def as_dict(self) -> dict[str, Any]:
+        """The resolved recipe as TOML-shaped tables (for the report)."""
+        return {
+            "model": {
+                "source": self.model.source,
+                "input_shape": self.model.input_shape,
+                "kwargs": self.model.kwargs,
+            },
+            "data": {"source": self.data.source, "limit": self.data.limit},
+            "train": dict(self.train.__dict__),
+            "quantize": self.quantize,
+            "sparsity": self.sparsity,
+            "export": {
+                "formats": list(self.export.formats),
+                "onnx_io": self.export.onnx_io,
+                "tflite_io": self.export.tflite_io,
+            },
+            "targets": {
+                "names": list(self.targets.names),
+                "kernels": self.targets.kernels,
+                "latency_runs": self.targets.latency_runs,
+                "boards": list(self.targets.boards),
+            },
+            "check": self.check,
+            "source": self.source,
+        }
+
+
+TABLES = ("model", "data", "train", "quantize", "sparsity", "export", "targets", "check")
+
+
+def parse_config(doc: dict[str, Any], base: Path, source: str = "recipe") -> RunConfig:
+    """A RunConfig from a parsed TOML document; paths resolve against ``base``."""
+    for key in doc:
+        if key not in TABLES:
+            raise ConfigError(
+                f"[{key}] is not a recipe table: allowed tables are {', '.join(TABLES)}"
+            )
+    export = ExportConfig.from_table(_table(doc, "export"))
+    config = RunConfig(
+        model=ModelConfig.from_table(_table(doc, "model")),
+        data=DataConfig.from_table(_table(doc, "data"), base),
+        train=TrainSection.from_table(_table(doc, "train")),
+        quantize=_table(doc, "quantize"),
+        sparsity=_table(doc, "sparsity") if "sparsity" in doc else {"target": 0.5},
+        export=export,
+        targets=TargetsConfig.from_table(_table(doc, "targets"), export.formats),
+        check=_table(doc, "check"),
+        source=source,
+        raw=doc,
+        base=str(base),
+    )
+    _check_recipe(config)
+    return config
+
+
+def _check_recipe(config: RunConfig) -> None:
+    from edgekiln.pipeline.recipe import RecipeError
+
+    try:
+        config.recipe()
+    except RecipeError as e:
+        raise ConfigError(str(e)) from None
+    if config.check:
+        from edgekiln.report.check import Thresholds
+
+        try:
+            Thresholds.from_dict(config.check)
+        except ValueError as e:
+            raise ConfigError(f"[check] {e}") from None
+
+
+def load_config(path: str | Path | None) -> RunConfig:
+    """The RunConfig of a TOML recipe file, or the built-in default for ``None``."""
+    if path is None:
+        return parse_config({}, Path.cwd(), "built-in default")
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe file {str(path)!r} does not exist")
+    try:
+        doc = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"recipe file {str(path)!r} is not valid TOML: {e}") from None
+    return parse_config(doc, path.parent.resolve(), str(path))

@@ -1,0 +1,59 @@
+"""Where quantization costs precision: the error each activation quantizer introduces."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgekiln.pipeline.prepare import ActivationQuant
+
+
+@torch.no_grad()
+def quantization_error(model: nn.Module, x: np.ndarray) -> list[dict[str, Any]]:
+    """Per activation quantizer of a prepared model, on inputs ``x`` (eval mode):
+
+    ``sqnr_db``, the signal-to-quantization-noise ratio ``10 log10(sum x^2 / sum (x - q)^2)``
+    of the values entering the quantizer against what leaves it, and ``clipped_fraction``,
+    the share of values outside the representable range. Quantizers that share parameters
+    (max pool, concatenation) are reported where the value is made.
+    """
+    rows: list[dict[str, Any]] = []
+    hooks = []
+
+    def record(name: str) -> Any:
+        def hook(module: ActivationQuant, inputs: tuple[torch.Tensor], out: torch.Tensor) -> None:
+            real = inputs[0].float()
+            scale, zero_point = module.qparams()
+            lo = float(scale) * (module.quantizer.spec.qmin - int(zero_point))
+            hi = float(scale) * (module.quantizer.spec.qmax - int(zero_point))
+            noise = float(((real - out) ** 2).sum())
+            signal = float((real**2).sum())
+            sqnr = 10 * math.log10(signal / noise) if noise > 0 and signal > 0 else None
+            rows.append(
+                {
+                    "name": name,
+                    "scale": float(scale),
+                    "zero_point": int(zero_point),
+                    "sqnr_db": round(sqnr, 3) if sqnr is not None else None,
+                    "clipped_fraction": float(((real < lo) | (real > hi)).float().mean()),
+                }
+            )
+
+        return hook
+
+    for name, module in model.named_modules():
+        if isinstance(module, ActivationQuant) and module.observe:
+            hooks.append(module.register_forward_hook(record(name)))
+    was_training = model.training
+    model.eval()
+    try:
+        model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return rows

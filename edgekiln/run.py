@@ -1,0 +1,530 @@
+"""``edgekiln run``: float training, QAT, capture, export, validation, report — one run directory.
+
+Stages, each ending in files written atomically and a line in ``state.json``:
+
+1. ``float``    train the float model (``checkpoints/float.pt`` after every epoch);
+2. ``qat``      prepare it and fine-tune with the recipe's constraints (``checkpoints/qat.pt``);
+3. ``capture``  the int8 graph (``graph.npz``) and the fake-quant model's outputs on the test set;
+4. ``export``   ``model.onnx`` and ``model.tflite`` from that one graph;
+5. ``validate`` every target, compared with the fake-quant model in LSB;
+6. ``report``   ``report.json``, ``report.html`` and ``manifest.json`` (last, so a directory with
+   a manifest is a complete run).
+
+``resume=True`` picks up after the last completed stage (or epoch) of an interrupted run.
+Checkpoints are state dicts loaded with ``weights_only=True``: a run directory is data.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import gzip
+import hashlib
+import importlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgekiln.config import ConfigError, RunConfig, parse_config
+from edgekiln.ir import atomic_write, load_graph, save_graph
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "state.json"
+STAGES = ("float", "qat", "capture", "export", "validate", "report")
+ARTIFACTS = {"onnx": "model.onnx", "tflite": "model.tflite"}
+
+
+class RunError(RuntimeError):
+    """A run that cannot go on; the message names the stage and the way out."""
+
+
+class Progress(Protocol):
+    """What a run reports while it works (the CLI draws bars; the library never prints)."""
+
+    def start(self, stage: str, total: int | None) -> None:
+        """A stage begins; ``total`` steps when known."""
+
+    def advance(self, n: int = 1, note: str = "") -> None:
+        """``n`` steps done."""
+
+    def finish(self) -> None:
+        """The stage ended."""
+
+
+class _Silent:
+    def start(self, stage: str, total: int | None) -> None:
+        pass
+
+    def advance(self, n: int = 1, note: str = "") -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+@dataclass
+class _State:
+    """``state.json``: the recipe, the stages done, and what they measured."""
+
+    recipe: dict[str, Any]
+    base: str
+    completed: list[str] = field(default_factory=list)
+    epochs: dict[str, int] = field(default_factory=dict)
+    facts: dict[str, Any] = field(default_factory=dict)
+
+
+def prepare_run_dir(out: Path | None, *, force: bool = False, root: Path = Path("runs")) -> Path:
+    """A new run directory: ``out``, or a fresh timestamped one under ``root``.
+
+    A non-empty existing directory is never overwritten unless ``force``.
+    """
+    if out is None:
+        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        out = root / stamp
+        n = 1
+        while out.exists():
+            out = root / f"{stamp}-{n}"
+            n += 1
+    if out.exists() and not out.is_dir():
+        raise RunError(f"run directory {str(out)!r} is a file; choose another --out")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise RunError(
+                f"run directory {str(out)!r} is not empty; choose another --out, resume it with "
+                "--resume, or overwrite it with --force"
+            )
+        for child in sorted(out.rglob("*"), reverse=True):
+            child.unlink() if child.is_file() or child.is_symlink() else child.rmdir()
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def run(
+    config: RunConfig,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Run the whole pipeline into ``run_dir`` and return the report (also in report.json).
+
+    With ``resume=True`` the recipe is read back from ``run_dir/state.json`` and finished
+    stages are skipped.
+    """
+    progress = progress or _Silent()
+    run_dir = Path(run_dir)
+    if resume:
+        state = _load_state(run_dir)
+        config = parse_config(state.recipe, Path(state.base), config.source)
+    else:
+        state = _State(recipe=config.raw, base=config.base)
+        _save_state(run_dir, state)
+    return _Run(config, run_dir, state, progress).go()
+
+
+def load_run_config_for_resume(run_dir: Path) -> RunConfig:
+    """The recipe an interrupted run was started with."""
+    state = _load_state(run_dir)
+    return parse_config(state.recipe, Path(state.base), "resumed")
+
+
+class _Run:
+    def __init__(self, config: RunConfig, run_dir: Path, state: _State, progress: Progress):
+        self.config = config
+        self.dir = run_dir
+        self.state = state
+        self.progress = progress
+        self.started = time.monotonic()
+
+    # ---- the stages, in order ------------------------------------------------------------
+
+    def go(self) -> dict[str, Any]:
+        torch.manual_seed(self.config.train.seed)
+        data = self._data()
+        float_model = self._float_stage(data)
+        prepared = self._qat_stage(data, float_model)
+        graph, fake_quant = self._capture_stage(data, prepared)
+        artifacts = self._export_stage(graph)
+        targets, pairs = self._validate_stage(data, graph, fake_quant, artifacts)
+        return self._report_stage(data, prepared, graph, artifacts, targets, pairs)
+
+    def _data(self) -> Any:
+        from edgekiln.models.datasets import check_input_shape, load_dataset, load_npz
+
+        cfg = self.config.data
+        dataset = load_dataset(cfg.source) if cfg.is_builtin else load_npz(cfg.source)
+        if cfg.limit:
+            dataset = _limit(dataset, cfg.limit)
+        if len(dataset.x_test) == 0:
+            raise RunError(f"[data] {cfg.source}: the test set is empty; x_test needs samples")
+        shape = self.config.model.input_shape or tuple(dataset.input_shape)
+        check_input_shape(dataset, shape)
+        self.input_shape = tuple(shape)
+        self.task = (
+            "classification"
+            if dataset.y_test is not None and dataset.num_classes
+            else ("reconstruction")
+        )
+        return dataset
+
+    def _model(self, data: Any) -> nn.Module:
+        torch.manual_seed(self.config.train.seed)
+        return build_model(self.config.model.source, self.config.model.kwargs)
+
+    def _float_stage(self, data: Any) -> nn.Module:
+        from edgekiln.pipeline.train import TrainConfig, fit
+
+        model = self._model(data)
+        _check_forward(model, self.input_shape, self.config.model.source)
+        train = self.config.train
+        ckpt = self.dir / "checkpoints" / "float.pt"
+        if "float" in self.state.completed:
+            model.load_state_dict(_load_checkpoint(ckpt)["model"])
+            return model.eval()
+        optimizer = torch.optim.Adam(model.parameters(), lr=train.lr)
+        first = self._restore(ckpt, model, optimizer, "float")
+        losses = list(self.state.facts.get("float_loss", []))
+        if train.float_epochs > first:
+            steps = _steps(len(data.x_train), train.batch_size)
+            self.progress.start("float training", (train.float_epochs - first) * steps)
+
+            def saved(epoch: int, loss: float) -> None:
+                losses.append(loss)
+                self.state.facts["float_loss"] = losses
+                self._checkpoint(ckpt, model, optimizer, "float", epoch + 1)
+
+            fit(
+                model,
+                data.x_train,
+                data.y_train,
+                TrainConfig(train.float_epochs, train.batch_size, train.lr, train.seed),
+                loss=self._loss(),
+                optimizer=optimizer,
+                first_epoch=first,
+                on_step=lambda e, s, n, v: self.progress.advance(1, f"loss {v:.3f}"),
+                on_epoch_end=saved,
+            )
+            self.progress.finish()
+        elif not ckpt.exists():
+            self._checkpoint(ckpt, model, optimizer, "float", 0)
+        self._complete("float")
+        return model.eval()
+
+    def _qat_stage(self, data: Any, float_model: nn.Module) -> nn.Module:
+        from edgekiln.pipeline.prepare import prepare
+        from edgekiln.pipeline.train import TrainConfig, calibrate, fit, predict
+
+        train = self.config.train
+        example = torch.from_numpy(
+            np.ascontiguousarray(data.x_train[:2] if len(data.x_train) else data.x_test[:2])
+        )
+        if "float_accuracy" not in self.state.facts:
+            self.state.facts["float_accuracy"] = self._accuracy(
+                predict(float_model, data.x_test), data
+            )
+        prepared = prepare(float_model, example, self.config.recipe())
+        ckpt = self.dir / "checkpoints" / "qat.pt"
+        if "qat" in self.state.completed:
+            prepared.load_state_dict(_load_checkpoint(ckpt)["model"])
+            return prepared.eval()
+        optimizer = torch.optim.Adam(prepared.parameters(), lr=train.qat_lr)
+        first = self._restore(ckpt, prepared, optimizer, "qat")
+        losses = list(self.state.facts.get("qat_loss", []))
+        if train.qat_epochs > first:
+            steps = _steps(len(data.x_train), train.batch_size)
+            self.progress.start("QAT fine-tuning", (train.qat_epochs - first) * steps)
+
+            def saved(epoch: int, loss: float) -> None:
+                losses.append(loss)
+                self.state.facts["qat_loss"] = losses
+                self._checkpoint(ckpt, prepared, optimizer, "qat", epoch + 1)
+
+            fit(
+                prepared,
+                data.x_train,
+                data.y_train,
+                TrainConfig(train.qat_epochs, train.batch_size, train.qat_lr, train.seed + 1),
+                loss=self._loss(),
+                optimizer=optimizer,
+                first_epoch=first,
+                on_step=lambda e, s, n, v: self.progress.advance(1, f"loss {v:.3f}"),
+                on_epoch_end=saved,
+            )
+            self.progress.finish()
+        else:
+            self.progress.start("calibration", None)
+            calibrate(prepared, data.x_train if len(data.x_train) else data.x_test)
+            self.progress.finish()
+            self._checkpoint(ckpt, prepared, optimizer, "qat", 0)
+        self._complete("qat")
+        return prepared.eval()
+
+    def _capture_stage(self, data: Any, prepared: nn.Module) -> tuple[Any, np.ndarray]:
+        from edgekiln.pipeline.capture import capture
+        from edgekiln.pipeline.train import predict
+
+        graph_path, fq_path = self.dir / "graph.npz", self.dir / "checkpoints" / "fake_quant.npy"
+        if "capture" in self.state.completed:
+            return load_graph(graph_path), np.load(fq_path, allow_pickle=False)
+        self.progress.start("capture", None)
+        graph = capture(prepared)
+        save_graph(graph, graph_path)
+        fake_quant = predict(prepared, data.x_test)
+        atomic_write(fq_path, lambda f: np.save(f, fake_quant, allow_pickle=False))
+        self.state.facts["fake_quant_accuracy"] = self._accuracy(fake_quant, data)
+        self.progress.finish()
+        self._complete("capture")
+        return graph, fake_quant
+
+    def _export_stage(self, graph: Any) -> dict[str, Path]:
+        from edgekiln.api import export
+
+        export_cfg = self.config.export
+        artifacts = {fmt: self.dir / ARTIFACTS[fmt] for fmt in export_cfg.formats}
+        if "export" not in self.state.completed:
+            self.progress.start("export", len(artifacts))
+            for fmt, path in artifacts.items():
+                io = export_cfg.onnx_io if fmt == "onnx" else export_cfg.tflite_io
+                export(graph, None, path, io=io)
+                self.progress.advance(1, path.name)
+            self.progress.finish()
+            self._complete("export")
+        return artifacts
+
+    def _validate_stage(
+        self, data: Any, graph: Any, fake_quant: np.ndarray, artifacts: dict[str, Path]
+    ) -> tuple[list[dict], list[dict]]:
+        from edgekiln.targets.mcu.boards import Board
+        from edgekiln.validate import pairwise, run_targets, target_entry
+
+        saved = self.dir / "checkpoints" / "targets.json"
+        if "validate" in self.state.completed:
+            doc = json.loads(saved.read_text())
+            return doc["targets"], doc["pairwise"]
+        cfg = self.config.targets
+        boards = {b["name"]: Board.from_dict(b) for b in cfg.boards}
+        out_q = graph.tensor(graph.outputs[0]).quant
+        grid = (float(out_q.scale[0]), int(out_q.zero_point[0]))
+        reference = out_q.quantize(fake_quant).astype(np.int32)
+        self.progress.start("validation", len(cfg.names))
+        results = run_targets(
+            cfg.names,
+            artifacts,
+            data.x_test,
+            data.y_test if self.task == "classification" else None,
+            boards=boards,
+            kernels=cfg.kernels,
+            latency_runs=cfg.latency_runs,
+            on_done=lambda r: self.progress.advance(1, f"{r.target} {'ok' if r.ok else 'FAILED'}"),
+        )
+        self.progress.finish()
+        entries = [
+            target_entry(
+                r,
+                artifacts[_fmt(r.target)].name if _fmt(r.target) in artifacts else "",
+                reference,
+                grid,
+            )
+            for r in results
+        ]
+        pairs = pairwise(results, grid)
+        atomic_write(
+            saved,
+            lambda f: f.write(
+                json.dumps({"targets": entries, "pairwise": pairs}, default=str).encode()
+            ),
+        )
+        self._complete("validate")
+        return entries, pairs
+
+    def _report_stage(
+        self,
+        data: Any,
+        prepared: nn.Module,
+        graph: Any,
+        artifacts: dict[str, Path],
+        targets: list[dict],
+        pairs: list[dict],
+    ) -> dict[str, Any]:
+        from edgekiln.pipeline.diagnostics import quantization_error
+        from edgekiln.pipeline.sparsity import sparsity_report
+        from edgekiln.report import render_html, write_manifest, write_report
+
+        self.progress.start("report", None)
+        sparsity = sparsity_report(prepared).as_dict()
+        files = [*artifacts.values(), self.dir / "graph.npz"]
+        report = {
+            "schema_version": 1,
+            "edgekiln_version": _version(),
+            "kind": "run",
+            "created": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "recipe": self.config.as_dict(),
+            "model": {
+                "source": self.config.model.source,
+                "input_shape": list(self.input_shape),
+                "parameters": int(sum(p.numel() for p in prepared.parameters())),
+                "task": self.task,
+            },
+            "data": {
+                "source": self.config.data.source,
+                "description": getattr(data, "source", ""),
+                "n_train": len(data.x_train),
+                "n_test": len(data.x_test),
+            },
+            "training": {
+                "float_accuracy": self.state.facts.get("float_accuracy"),
+                "fake_quant_accuracy": self.state.facts.get("fake_quant_accuracy"),
+                "float_epochs": self.config.train.float_epochs,
+                "qat_epochs": self.config.train.qat_epochs,
+                "loss_history": {
+                    "float": self.state.facts.get("float_loss", []),
+                    "qat": self.state.facts.get("qat_loss", []),
+                },
+                "seconds": round(time.monotonic() - self.started, 2),
+            },
+            "sparsity": {"total": sparsity["sparsity"], "layers": sparsity["layers"]},
+            "quantization": {"layers": quantization_error(prepared, data.x_test[:256])},
+            "artifacts": [_artifact(p, self.dir) for p in files if p.exists()],
+            "targets": targets,
+            "pairwise": pairs,
+            "check": self.config.check,
+        }
+        write_report(report, self.dir / "report.json")
+        html = render_html(report)
+        atomic_write(self.dir / "report.html", lambda f: f.write(html.encode()))
+        self._complete("report")
+        write_manifest(self.dir)
+        self.progress.finish()
+        return report
+
+    # ---- helpers ---------------------------------------------------------------------------
+
+    def _loss(self) -> Any:
+        from edgekiln.pipeline.train import Loss
+
+        return Loss.CROSS_ENTROPY if self.task == "classification" else Loss.MSE
+
+    def _accuracy(self, outputs: np.ndarray, data: Any) -> float | None:
+        if self.task != "classification" or outputs.ndim != 2:
+            return None
+        return float((outputs.argmax(axis=1) == data.y_test).mean())
+
+    def _restore(self, ckpt: Path, model: nn.Module, optimizer: Any, stage: str) -> int:
+        if not ckpt.exists():
+            return 0
+        saved = _load_checkpoint(ckpt)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        logger.info("resuming %s after epoch %d", stage, saved["epoch"])
+        return int(saved["epoch"])
+
+    def _checkpoint(
+        self, ckpt: Path, model: nn.Module, optimizer: Any, stage: str, epoch: int
+    ) -> None:
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch}
+        atomic_write(ckpt, lambda f: torch.save(state, f))
+        self.state.epochs[stage] = epoch
+        _save_state(self.dir, self.state)
+
+    def _complete(self, stage: str) -> None:
+        if stage not in self.state.completed:
+            self.state.completed.append(stage)
+        _save_state(self.dir, self.state)
+
+
+def build_model(source: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
+    """The nn.Module that ``"package.module:callable"`` returns; errors name the source."""
+    module_name, _, attr = source.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ConfigError(f"[model] source = {source!r}: cannot import {module_name!r}: {e}") from e
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ConfigError(f"[model] source = {source!r}: {module_name} has no callable {attr!r}")
+    try:
+        model = factory(**(kwargs or {}))
+    except Exception as e:
+        raise ConfigError(
+            f"[model] source = {source!r}: calling it raised {type(e).__name__}: {e}"
+        ) from e
+    if not isinstance(model, nn.Module):
+        raise ConfigError(
+            f"[model] source = {source!r} returned {type(model).__name__}, not a torch.nn.Module"
+        )
+    return model
+
+
+def _check_forward(model: nn.Module, shape: tuple[int, ...], source: str) -> None:
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(2, *shape))
+    except Exception as e:
+        raise ConfigError(
+            f"[model] {source} does not accept data of shape {list(shape)} (the data's shape): "
+            f"{type(e).__name__}: {e}"
+        ) from e
+
+
+def _limit(dataset: Any, limit: int) -> Any:
+    import dataclasses
+
+    cut = {k: getattr(dataset, k)[:limit] for k in ("x_train", "y_train", "x_test")}
+    if dataset.y_test is not None:
+        cut["y_test"] = dataset.y_test[:limit]
+    return dataclasses.replace(dataset, **cut)
+
+
+def _steps(n: int, batch: int) -> int:
+    return max(1, -(-n // batch))
+
+
+def _fmt(target: str) -> str:
+    from edgekiln.validate import artifact_format
+
+    return artifact_format(target)
+
+
+def _artifact(path: Path, root: Path) -> dict[str, Any]:
+    data = path.read_bytes()
+    fmt = {".onnx": "onnx", ".tflite": "tflite", ".npz": "graph"}[path.suffix]
+    return {
+        "path": str(path.relative_to(root)),
+        "format": fmt,
+        "bytes": len(data),
+        "gzip_bytes": len(gzip.compress(data, compresslevel=9, mtime=0)),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
+
+
+def _version() -> str:
+    from edgekiln import __version__
+
+    return __version__
+
+
+def _load_checkpoint(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise RunError(f"checkpoint {str(path)!r} is missing; start a new run instead of --resume")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _save_state(run_dir: Path, state: _State) -> None:
+    data = json.dumps(state.__dict__, indent=1, default=str).encode()
+    atomic_write(run_dir / STATE_FILE, lambda f: f.write(data))
+
+
+def _load_state(run_dir: Path) -> _State:
+    path = run_dir / STATE_FILE
+    if not path.is_file():
+        raise RunError(
+            f"{str(run_dir)!r} has no {STATE_FILE}: it is not an edgekiln run directory to resume"
+        )
+    return _State(**json.loads(path.read_text()))

@@ -1,0 +1,26 @@
+"""Shared fixtures: one reduced end-to-end run that several test modules read."""
+
+from pathlib import Path
+
+import pytest
+
+from edgekiln.config import parse_config
+from edgekiln.run import prepare_run_dir, run
+
+REPO = Path(__file__).parents[1]
+
+# small_cnn on scikit-learn's 8x8 digits: the default pipeline at a size a test can afford.
+DIGITS = {
+    "model": {"kwargs": {"input_size": 8}},
+    "data": {"source": "digits"},
+    "train": {"float_epochs": 3, "qat_epochs": 1, "lr": 0.005},
+    "targets": {"names": ["onnxruntime", "litert", "tflm", "mcu:nrf52840"], "latency_runs": 3},
+}
+
+
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "digits"
+    config = parse_config(DIGITS, REPO)
+    report = run(config, prepare_run_dir(out))
+    return out, report

@@ -1,0 +1,127 @@
+"""The edgekiln command: targets, export, validate and check, with their exit codes."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgekiln.cli import main
+
+REPO = Path(__file__).parents[1]
+
+
+def test_targets_lists_runtimes_and_boards(capsys):
+    assert main(["targets"]) == 0
+    out = capsys.readouterr().out
+    for name in ("onnxruntime", "litert", "tflm", "mcu:nrf52840", "mcu:rp2040", "mcu:stm32h743"):
+        assert name in out
+    assert main(["targets", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert {b["target"] for b in doc["boards"]} >= {"mcu:nucleo-l4r5zi", "mcu:stm32u575"}
+
+
+def test_export_from_a_saved_graph(digits_run, tmp_path, capsys):
+    out, _ = digits_run
+    assert main(["export", str(out / "graph.npz"), str(tmp_path / "m.tflite")]) == 0
+    assert (tmp_path / "m.tflite").read_bytes()[4:8] == b"TFL3"
+    assert main(["export", str(out / "graph.npz"), str(tmp_path / "m.pb")]) == 2
+    assert "use one of .onnx, .tflite" in capsys.readouterr().err
+
+
+def test_validate_writes_a_report_and_raw_outputs(digits_run, tmp_path, capsys):
+    from sklearn.datasets import load_digits
+
+    out, _ = digits_run
+    digits = load_digits()
+    x = (digits.images[:64] / 16.0).astype(np.float32)[:, None]
+    np.savez(tmp_path / "d.npz", x_test=x, y_test=digits.target[:64])
+    code = main(
+        [
+            "validate",
+            str(out / "model.tflite"),
+            str(out / "model.onnx"),
+            "--data",
+            str(tmp_path / "d.npz"),
+            "--target",
+            "tflm",
+            "--target",
+            "mcu:stm32h743",
+            "--target",
+            "onnxruntime",
+            "--runs",
+            "2",
+            "--json",
+            str(tmp_path / "v.json"),
+            "--save-outputs",
+            str(tmp_path / "o.npz"),
+        ]
+    )
+    assert code == 0, capsys.readouterr()
+    report = json.loads((tmp_path / "v.json").read_text())
+    assert report["kind"] == "validate" and len(report["targets"]) == 3
+    assert all(t["accuracy"] > 0.8 for t in report["targets"])
+    saved = np.load(tmp_path / "o.npz")
+    assert saved["tflm"].dtype == np.int8 and saved["tflm"].shape == (64, 10)
+    np.testing.assert_array_equal(saved["tflm"], saved["mcu:stm32h743"])
+    assert "tflm vs mcu:stm32h743: 0 of 640 values differ" in capsys.readouterr().out
+
+
+def test_validate_names_a_missing_artifact(tmp_path, capsys):
+    np.savez(tmp_path / "d.npz", x_test=np.zeros((2, 1, 8, 8), np.float32))
+    code = main(
+        [
+            "validate",
+            str(tmp_path / "none.tflite"),
+            "--data",
+            str(tmp_path / "d.npz"),
+            "--target",
+            "tflm",
+        ]
+    )
+    assert code == 2
+    assert "none.tflite' does not exist" in capsys.readouterr().err
+
+
+def test_check_pass_regression_and_unusable(digits_run, tmp_path, capsys):
+    out, report = digits_run
+    assert main(["check", str(out / "report.json"), "--baseline", str(out / "report.json")]) == 0
+
+    worse = json.loads(json.dumps(report))
+    worse["targets"][0]["accuracy"] -= 0.02
+    (tmp_path / "worse.json").write_text(json.dumps(worse))
+    capsys.readouterr()
+    code = main(["check", str(tmp_path / "worse.json"), "--baseline", str(out / "report.json")])
+    assert code == 1
+    assert "accuracy" in capsys.readouterr().out
+
+    assert main(["check", str(tmp_path / "nope.json"), "--baseline", str(out / "report.json")]) == 2
+    other = dict(report, schema_version=99)
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    assert (
+        main(["check", str(tmp_path / "other.json"), "--baseline", str(out / "report.json")]) == 2
+    )
+
+
+def test_bad_recipe_exits_2_with_the_key_named(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text("[train]\nlr = 0\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "edgekiln", "run", str(recipe), "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        cwd=str(REPO),
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert "[train] lr = 0 is not valid" in done.stderr
+
+
+@pytest.mark.parametrize("argv", [["run", "--resume", "x", "--out", "y"]])
+def test_resume_refuses_out(argv, capsys):
+    assert main(argv) == 2
+    assert "--resume DIR takes the recipe and directory of that run" in capsys.readouterr().err

@@ -1,0 +1,150 @@
+"""`edgekiln run` end to end, in a reduced size: stages, run directory, resume, user models."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgekiln.config import ConfigError, parse_config
+from edgekiln.ir import load_graph
+from edgekiln.run import RunError, prepare_run_dir, run
+
+REPO = Path(__file__).parents[1]
+
+
+def test_run_directory_holds_every_file(digits_run):
+    out, _ = digits_run
+    names = {p.name for p in out.iterdir()}
+    assert {
+        "model.onnx",
+        "model.tflite",
+        "graph.npz",
+        "report.json",
+        "report.html",
+        "manifest.json",
+        "state.json",
+    } <= names
+    manifest = json.loads((out / "manifest.json").read_text())
+    listed = json.dumps(manifest)
+    assert "model.tflite" in listed and "report.json" in listed
+
+
+def test_every_target_agrees_with_the_fake_quant_model(digits_run):
+    _, report = digits_run
+    assert report["training"]["fake_quant_accuracy"] > 0.85
+    for target in report["targets"]:
+        assert target["ok"], target["error"]
+        # one LSB per requantizing op at most; measured: max 1 at the output
+        assert target["lsb"]["max"] <= 2, target["name"]
+        assert target["agreement"] >= 0.99, target["name"]
+    by_pair = {(p["a"], p["b"]): p for p in report["pairwise"]}
+    assert by_pair[("tflm", "mcu:nrf52840")]["differing"] == 0  # the simulator is bit-exact
+
+
+def test_report_records_sparsity_and_quantization_error(digits_run):
+    _, report = digits_run
+    assert report["sparsity"]["total"] == pytest.approx(0.5, abs=0.02)
+    assert all(
+        row["sqnr_db"] is None or row["sqnr_db"] > 10 for row in report["quantization"]["layers"]
+    )
+    mcu = next(t for t in report["targets"] if t["name"] == "mcu:nrf52840")
+    assert mcu["latency_kind"] == "estimated" and mcu["arena_bytes"] > 0
+
+
+def test_a_used_directory_is_never_overwritten(digits_run):
+    out, _ = digits_run
+    with pytest.raises(RunError, match="is not empty; choose another --out, resume it"):
+        prepare_run_dir(out)
+
+
+def test_user_model_and_npz_through_a_recipe(tmp_path, monkeypatch):
+    (tmp_path / "usernet.py").write_text(
+        "import torch.nn as nn\n"
+        "def make(hidden=8):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(12, hidden), nn.ReLU(),\n"
+        "                         nn.Linear(hidden, 3))\n"
+        "def broken():\n"
+        "    raise RuntimeError('no weights here')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 1, 3, 4)).astype(np.float32)
+    y = (x.reshape(300, -1)[:, :3].argmax(axis=1)).astype(np.int64)
+    np.savez(
+        tmp_path / "data.npz", x_train=x[:240], y_train=y[:240], x_test=x[240:], y_test=y[240:]
+    )
+    doc = {
+        "model": {"source": "usernet:make", "kwargs": {"hidden": 16}},
+        "data": {"source": "data.npz"},
+        "train": {"float_epochs": 5, "qat_epochs": 1, "lr": 0.01},
+        "export": {"formats": ["tflite"]},
+        "targets": {"names": ["mcu:rp2040"]},
+    }
+    report = run(parse_config(doc, tmp_path), prepare_run_dir(tmp_path / "out"))
+    assert report["targets"][0]["ok"]
+    assert report["model"]["input_shape"] == [1, 3, 4]
+
+    doc["model"] = {"source": "usernet:broken"}
+    with pytest.raises(ConfigError, match="usernet:broken.*raised RuntimeError: no weights here"):
+        run(parse_config(doc, tmp_path), prepare_run_dir(tmp_path / "out2"))
+    doc["model"] = {"source": "usernet:make", "input_shape": [1, 28, 28]}
+    with pytest.raises(ValueError, match=r"\(1, 28, 28\)|\[1, 28, 28\]"):
+        run(parse_config(doc, tmp_path), prepare_run_dir(tmp_path / "out3"))
+
+
+def _cli(*args: str, **kw) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "edgekiln", *args],
+        cwd=str(REPO),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        **kw,
+    )
+
+
+def test_killed_run_resumes_to_the_same_result(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(
+        '[model]\nkwargs = {input_size = 8}\n[data]\nsource = "digits"\n'
+        "[train]\nfloat_epochs = 6\nqat_epochs = 1\n"
+        '[targets]\nnames = ["tflm"]\nlatency_runs = 1\n'
+    )
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    assert _cli("run", str(recipe), "--out", str(whole), "--quiet").wait(600) == 0
+
+    proc = _cli("run", str(recipe), "--out", str(broken), "--quiet")
+    state = broken / "state.json"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:  # kill it once the float phase is part-way through
+        if state.exists() and json.loads(state.read_text()).get("epochs", {}).get("float", 0) >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (broken / "manifest.json").exists()  # an interrupted run never looks complete
+
+    resumed = _cli("run", "--resume", str(broken), "--quiet")
+    assert resumed.wait(600) == 0, resumed.stdout.read().decode()
+    a, b = load_graph(whole / "graph.npz"), load_graph(broken / "graph.npz")
+    for name, tensor in a.tensors.items():
+        if tensor.data is not None:
+            np.testing.assert_array_equal(tensor.data, b.tensors[name].data, err_msg=name)
+        assert tensor.quant.equals(b.tensors[name].quant), name
+    ra = json.loads((whole / "report.json").read_text())
+    rb = json.loads((broken / "report.json").read_text())
+    assert ra["targets"][0]["accuracy"] == rb["targets"][0]["accuracy"]
+
+
+def test_resume_of_a_directory_that_is_not_a_run(tmp_path):
+    from edgekiln.run import load_run_config_for_resume
+
+    with pytest.raises(RunError, match="has no state.json: it is not an edgekiln run directory"):
+        load_run_config_for_resume(tmp_path)
