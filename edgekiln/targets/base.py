@@ -1,18 +1,22 @@
 """What every target returns, and how runtimes run: in a child process, with a timeout.
 
 A runtime given a malformed model may crash the whole process (TFLM segfaults) or hang. So
-each runtime call runs in a fresh child started with ``spawn`` (no forked torch or ORT
-thread state), and a crash or a time-out comes back as a failed ``TargetResult`` naming the
-signal or the limit; the calling process carries on.
+each runtime call runs in a fresh Python interpreter (no forked torch or ORT thread state),
+and a crash or a time-out comes back as a failed ``TargetResult`` naming the signal or the
+limit; the calling process carries on.
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
+import os
+import pickle
 import signal
-import traceback
+import subprocess
+import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -70,55 +74,64 @@ class IsolatedRunError(RuntimeError):
 
 
 def run_isolated(func: Callable[..., Any], *args: Any, timeout: float = 300.0) -> Any:
-    """Call ``func(*args)`` in a fresh child process and return its result.
+    """Call ``func(*args)`` in a fresh Python child process and return its result.
 
-    ``func`` must be a module-level function (the child imports it by name). Raises
-    IsolatedRunError naming the signal for a crash, the limit for a time-out, and the child's
-    exception and traceback for an error.
+    ``func`` must be importable by module and name (a module-level function of an installed
+    module). The child is a new interpreter running ``edgekiln.targets._isolated``: it never
+    imports the caller's ``__main__`` (so an unguarded script or a notebook is safe), and the
+    arguments and the result travel through files, so a child that dies early cannot leave
+    the parent blocked on a pipe. Raises IsolatedRunError naming the signal for a crash, the
+    limit for a time-out, and the child's exception for an error.
     """
-    ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child_main, args=(child, func, args), daemon=True)
-    proc.start()
-    child.close()
-    try:
-        if not parent.poll(timeout):
-            proc.kill()
-            proc.join()
-            if proc.exitcode is not None and proc.exitcode < 0 and proc.exitcode != -signal.SIGKILL:
-                raise IsolatedRunError(_signal_message(func, proc.exitcode))
-            raise IsolatedRunError(f"{_name(func)} did not finish within {timeout:g} s; stopped it")
-        status, payload = parent.recv()
-    except EOFError:
-        proc.join()
-        raise IsolatedRunError(_signal_message(func, proc.exitcode)) from None
-    finally:
-        parent.close()
-    proc.join()
+    module, name = getattr(func, "__module__", None), getattr(func, "__qualname__", "")
+    if not module or module == "__main__" or "<" in name:
+        raise ValueError(
+            f"run_isolated needs a module-level function of an importable module, got "
+            f"{module}.{name}; move it into a module"
+        )
+    with tempfile.TemporaryDirectory(prefix="edgekiln-child-") as tmp:
+        work = Path(tmp)
+        with open(work / "call.pkl", "wb") as f:
+            pickle.dump((module, name, args), f, protocol=pickle.HIGHEST_PROTOCOL)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        with open(work / "stderr", "wb") as err:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "edgekiln.targets._isolated", str(work)],
+                stdin=subprocess.DEVNULL,
+                stdout=err,
+                stderr=err,
+                env=env,
+            )
+            try:
+                code = proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                raise IsolatedRunError(
+                    f"{name} did not finish within {timeout:g} s; stopped it"
+                ) from None
+        result_file = work / "result.pkl"
+        if code != 0 or not result_file.exists():
+            raise IsolatedRunError(_exit_message(name, code, _tail(work / "stderr")))
+        with open(result_file, "rb") as f:
+            status, payload = pickle.load(f)  # our own child's file, written just now
     if status == "error":
-        raise IsolatedRunError(f"{_name(func)} failed in its child process: {payload}")
+        raise IsolatedRunError(f"{name} failed in its child process: {payload}")
     return payload
 
 
-def _child_main(conn: Any, func: Callable[..., Any], args: tuple[Any, ...]) -> None:
-    try:
-        result = ("ok", func(*args))
-    except BaseException as e:
-        tb = traceback.format_exc(limit=5)
-        result = ("error", f"{type(e).__name__}: {e}\n{tb}")
-    conn.send(result)
-    conn.close()
-
-
-def _signal_message(func: Callable[..., Any], exitcode: int | None) -> str:
-    if exitcode is not None and exitcode < 0:
+def _exit_message(name: str, code: int, stderr: str) -> str:
+    if code < 0:
         try:
-            name = signal.Signals(-exitcode).name
+            what = signal.Signals(-code).name
         except ValueError:
-            name = f"signal {-exitcode}"
-        return f"{_name(func)} crashed its child process with {name}"
-    return f"{_name(func)} ended its child process with exit code {exitcode} and no result"
+            what = f"signal {-code}"
+        message = f"{name} crashed its child process with {what}"
+    else:
+        message = f"{name} ended its child process with exit code {code} and no result"
+    return f"{message}; its last output: {stderr}" if stderr else message
 
 
-def _name(func: Callable[..., Any]) -> str:
-    return getattr(func, "__qualname__", repr(func))
+def _tail(path: Path, limit: int = 600) -> str:
+    text = path.read_text(errors="replace").strip() if path.exists() else ""
+    return text[-limit:]
