@@ -348,7 +348,7 @@ def _quant_chart(r: Mapping[str, Any]) -> str:
             f"<code>{_e(layer['name'])}</code>",
             f"{layer['scale']:.6g}",
             str(layer["zero_point"]),
-            f"{layer['sqnr_db']:.2f}",
+            _num(layer["sqnr_db"], ".2f"),
             _pct(layer["clipped_fraction"], 3),
         ]
         for layer in layers

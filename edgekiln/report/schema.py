@@ -329,7 +329,9 @@ REPORT_SPEC = _Obj(
                                 "name": _STR,
                                 "scale": _POSITIVE,
                                 "zero_point": _INT,
-                                "sqnr_db": _NUM,
+                                "sqnr_db": _Null(
+                                    _NUM
+                                ),  # null: no noise or no signal (SQNR undefined)
                                 "clipped_fraction": _FRACTION,
                             },
                             "an object {name, scale, zero_point, sqnr_db, clipped_fraction}",

@@ -113,6 +113,12 @@ def test_all_targets_failed_renders(sample: dict[str, Any]) -> None:
     assert "No LSB statistics were recorded." in page
 
 
+def test_undefined_sqnr_renders_as_missing(sample: dict[str, Any]) -> None:
+    sample["quantization"]["layers"][0]["sqnr_db"] = None
+    page = render_html(sample)
+    assert "<title>input: n/a</title>" in page
+
+
 def test_invalid_report_is_refused(sample: dict[str, Any]) -> None:
     sample["targets"][0]["accuracy"] = "98%"
     with pytest.raises(ReportError, match=r"the report to render .*\n  - targets\[0\].accuracy"):
