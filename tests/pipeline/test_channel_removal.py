@@ -53,6 +53,15 @@ class ResCat(nn.Module):
         return self.fc(torch.flatten(F.max_pool2d(x, 2), 1))
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one thread (torch's pool on 2 shared cores is many times slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def data() -> torch.Tensor:
     torch.manual_seed(0)
