@@ -130,8 +130,10 @@ def multiply_by_quantized_multiplier(
 ) -> np.ndarray:
     """TFLite MultiplyByQuantizedMultiplier: ``x * multiplier / 2**31 * 2**shift`` in integers.
 
-    ``rounding="double"`` (TFLM's default build) rounds after the high multiply and again after
-    the right shift; ``"single"`` (``TFLITE_SINGLE_ROUNDING``) rounds once.
+    ``x`` holds int32 values (as every TFLM caller's int32 operand does); ``multiplier`` and
+    ``shift`` broadcast against it (per channel along the last axis). ``rounding="double"``
+    (TFLM's default build) rounds after the high multiply and again after the right shift;
+    ``"single"`` (``TFLITE_SINGLE_ROUNDING``) rounds once.
 
     >>> int(multiply_by_quantized_multiplier(-3, 1 << 30, -1))  # -3 * 0.5 / 2 = -0.75
     -1
@@ -145,12 +147,60 @@ def multiply_by_quantized_multiplier(
         return wrap_int32((x * multiplier + rounding_term) >> total_shift)
     if rounding != DOUBLE_ROUNDING:
         raise ValueError(f"rounding must be 'double' or 'single', got {rounding!r}")
+    if multiplier.size and multiplier.min() >= 0 and multiplier.max() <= INT32_MAX:
+        return _double_rounding_fast(x, multiplier, shift)
+    return multiply_by_quantized_multiplier_reference(x, multiplier, shift)
+
+
+def multiply_by_quantized_multiplier_reference(
+    x: np.ndarray, multiplier: np.ndarray | int, shift: np.ndarray | int
+) -> np.ndarray:
+    """The double-rounding form composed literally from the gemmlowp primitives.
+
+    The definition ``multiply_by_quantized_multiplier`` is tested against (any multiplier).
+    """
+    x = np.asarray(x, dtype=np.int64)
+    shift = np.asarray(shift, dtype=np.int64)
     left_shift = np.maximum(shift, 0)
     right_shift = np.maximum(-shift, 0)
     shifted = wrap_int32(x << left_shift)
     return rounding_divide_by_pot(
         saturating_rounding_doubling_high_mul(shifted, multiplier), right_shift
     )
+
+
+def _double_rounding_fast(x: np.ndarray, multiplier: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """Double rounding for multipliers in [0, 2**31) in five in-place int64 passes.
+
+    Why it equals the reference (``multiply_by_quantized_multiplier_reference``):
+
+    - SaturatingRoundingDoublingHighMul(a, b) is ``trunc((a*b + nudge) / 2**31)`` with nudge
+      ``2**30`` for ``a*b >= 0`` and ``1 - 2**30`` otherwise. For ``a*b >= 0`` that is
+      ``floor((a*b + 2**30) / 2**31)``. For ``a*b < 0``, ``t = a*b + 1 - 2**30 < 0`` and
+      ``trunc(t / 2**31) = ceil(t / 2**31) = floor((t + 2**31 - 1) / 2**31)
+      = floor((a*b + 2**30) / 2**31)``. Both signs: ``(a*b + 2**30) >> 31``. Its one
+      saturating case needs ``b == INT32_MIN``, excluded by ``0 <= b < 2**31``; and
+      ``|a*b| < 2**62`` fits int64.
+    - RoundingDivideByPOT(v, e) rounds half away from zero: ``(v + 2**(e-1)) >> e`` for
+      ``v >= 0`` and ``(v + 2**(e-1) - 1) >> e`` for ``v < 0`` (``e >= 1``); ``v >> 63`` is
+      the ``-1`` of the negative case. For ``e == 0`` it is ``v`` itself, so that ``-1`` is
+      masked off there.
+    """
+    left = np.maximum(shift, 0)
+    right = np.maximum(-shift, 0)
+    v = wrap_int32(x << left) if np.any(left) else x
+    high = np.multiply(v, multiplier, dtype=np.int64)  # a fresh array: x is never modified
+    high += 1 << 30
+    high >>= 31
+    if not np.any(right):
+        return high
+    negative = high >> 63  # -1 where high < 0, else 0
+    if not np.all(right > 0):
+        negative &= -(right > 0).astype(np.int64)
+    high += negative
+    high += (np.int64(1) << right) >> 1
+    high >>= right
+    return high
 
 
 def _round_half_away(value: float) -> int:

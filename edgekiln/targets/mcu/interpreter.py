@@ -14,6 +14,7 @@ True
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,6 +94,36 @@ def simulate(
             f"the MCU simulator does not support {', '.join(unsupported)}; "
             f"it supports {', '.join(sorted(SUPPORTED_OPS))}"
         )
+    with _one_blas_thread():
+        values, order = _run_operators(m, inp, x, rounding)
+    outputs = []
+    for i in m.outputs:
+        if i not in values:
+            raise SimulationError(f"model output tensor {i} is never written by an operator")
+        outputs.append(values[i])
+    keep = set(values) if keep_intermediates else {inp.index, *m.outputs}
+    tensors = {m.tensor(i).name: v for i, v in values.items() if i in keep}
+    return SimResult(outputs, tensors, [n for n in order if n in tensors])
+
+
+def _one_blas_thread() -> contextlib.AbstractContextManager:
+    """Limit BLAS to one thread while the kernels run, when threadpoolctl is installed.
+
+    The kernels make many mid-sized BLAS calls between numpy passes; OpenBLAS's worker
+    threads spin between them. Measured on the 2-core development machine under load
+    (benchmarks/mcu_sim.py): 2-6x more CPU time and up to 4x more wall time than one thread.
+    Without threadpoolctl (scikit-learn's dependency) BLAS keeps its default.
+    """
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
+
+
+def _run_operators(
+    m: TfliteModel, inp: TfliteTensor, x: np.ndarray, rounding: str
+) -> tuple[dict[int, np.ndarray], list[str]]:
     values: dict[int, np.ndarray] = {inp.index: x}
     order = [inp.name]
     for op in m.operators:
@@ -111,14 +142,7 @@ def simulate(
             )
         values[out_t.index] = out
         order.append(out_t.name)
-    outputs = []
-    for i in m.outputs:
-        if i not in values:
-            raise SimulationError(f"model output tensor {i} is never written by an operator")
-        outputs.append(values[i])
-    keep = set(values) if keep_intermediates else {inp.index, *m.outputs}
-    tensors = {m.tensor(i).name: v for i, v in values.items() if i in keep}
-    return SimResult(outputs, tensors, [n for n in order if n in tensors])
+    return values, order
 
 
 def _check_input(inp: TfliteTensor, x: np.ndarray) -> None:

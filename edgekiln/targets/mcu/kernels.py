@@ -6,10 +6,11 @@ quantization parameters, and returns exactly what TFLM's reference kernel stores
 interpreter (``interpreter.py``) derives the parameters from a model the way TFLM's ``Prepare``
 functions do.
 
-Accumulation: products of int8 values are summed in float64 through BLAS. Every partial sum of
-an int8 x int8 product is an integer below 2**53 in magnitude for any layer that fits in a
-microcontroller (that needs more than 2**38 terms), so the float64 sums are exact; they are
-then wrapped to int32 as TFLM's int32 accumulators would be.
+Accumulation: convolutions and fully connected layers sum int8 x int8 products through BLAS
+in float32 or float64 (``exact_float_dtype`` picks the narrowest one that is exact for the layer
+and proves why), depthwise convolutions in int32; the sums are then the exact integers TFLM's
+int32 accumulators hold (wrapped to int32 where they could overflow). The batch runs in chunks
+of ``CHUNK_VALUES`` so temporaries stay small.
 
 CMSIS-NN's int8 kernels are written to be bit-exact with these reference kernels (same
 multipliers, same ``arm_nn_requantize`` double rounding), so one set of kernels serves both
@@ -50,10 +51,145 @@ class Requant:
     rounding: str = DOUBLE_ROUNDING
 
     def apply(self, acc: np.ndarray) -> np.ndarray:
-        """int32 accumulators (channels last) -> int8 outputs."""
+        """int32 accumulators (channels last, int64 array) -> int8 outputs."""
         out = multiply_by_quantized_multiplier(acc, self.multiplier, self.shift, self.rounding)
-        out = out + self.output_zero_point
-        return np.clip(out, self.act_min, self.act_max).astype(np.int8)
+        return _clamp_to_int8(out, self.output_zero_point, self.act_min, self.act_max)
+
+    def apply_in_slices(
+        self, acc: np.ndarray, offset: np.ndarray, may_overflow: bool
+    ) -> np.ndarray:
+        """``apply_channels_first`` over column slices of about CHUNK_OUTPUTS values, so the
+        int64 temporaries of each slice stay in cache."""
+        c, r = acc.shape
+        step = max(1, CHUNK_OUTPUTS // c)
+        if r <= step:
+            return self.apply_channels_first(acc, offset, may_overflow)
+        out = np.empty((c, r), dtype=np.int8)
+        for k in range(0, r, step):
+            out[:, k : k + step] = self.apply_channels_first(acc[:, k : k + step], offset,
+                                                            may_overflow)  # fmt: skip
+        return out
+
+    def apply_channels_first(
+        self, acc: np.ndarray, offset: np.ndarray, may_overflow: bool
+    ) -> np.ndarray:
+        """(C, R) accumulators plus a per-channel int offset (C,) -> (C, R) int8.
+
+        ``acc`` holds exact integers (float or int dtype) that still lack ``offset`` (bias
+        less the input zero point's share); their sum is TFLM's int32 accumulator, wrapped to
+        int32 when ``may_overflow``. Channels first, so every numpy pass runs along R with
+        one constant per channel.
+        """
+        c = acc.shape[0]
+        mult = np.broadcast_to(self.multiplier, (c,)).reshape(c, 1)
+        shift = np.broadcast_to(self.shift, (c,)).reshape(c, 1)
+        right = -shift
+        fast = (
+            self.rounding == DOUBLE_ROUNDING
+            and not may_overflow
+            and mult.min() >= 0
+            and mult.max() <= INT32_MAX
+            and shift.max() <= 0
+            and right.max() <= 31
+        )
+        if not fast:
+            total = acc.astype(np.int64)
+            total += offset.reshape(c, 1)
+            if may_overflow:
+                total = wrap_int32(total)
+            out = multiply_by_quantized_multiplier(total, mult, shift, self.rounding)
+            return _clamp_to_int8(out, self.output_zero_point, self.act_min, self.act_max)
+        # Fused double rounding (fixedpoint._double_rounding_fast proves the two steps for
+        # P = v*M + 2**30, v = acc + offset): high = P >> 31, result = (high + half + neg) >> e
+        # with neg = -1 for high < 0 (e > 0). Since (P >> 31) + k == (P + k * 2**31) >> 31 and
+        # (a >> 31) >> e == a >> (31 + e), result = (P + (half + neg) * 2**31) >> (31 + e), and
+        # P's sign is high's. Magnitudes: no overflow means |acc|, |offset|, |v| < 2**31, so
+        # |acc*M|, |offset*M|, |P| < 2**62 and adding half * 2**31 <= 2**61 stays in int64.
+        p = acc.astype(np.int64)
+        p *= mult
+        p += offset.reshape(c, 1).astype(np.int64) * mult + (1 << 30)
+        neg = p >> 63  # -1 where negative
+        neg &= np.where(right > 0, -(1 << 31), 0)  # neg * 2**31, only where e > 0
+        neg += ((np.int64(1) << right) >> 1) << 31  # half * 2**31
+        p += neg
+        p >>= 31 + right
+        return _clamp_to_int8(p, self.output_zero_point, self.act_min, self.act_max)
+
+
+def _clamp_to_int8(out: np.ndarray, zero_point: int, act_min: int, act_max: int) -> np.ndarray:
+    """``clip(out + zero_point, act_min, act_max)`` as int8 (``out`` is int64 and consumed).
+
+    Clamps before adding the zero point, then adds it in int8: the clamped values lie in
+    [act_min - zp, act_max - zp], so int8 arithmetic (mod 256) lands exactly on the result
+    in [act_min, act_max]. One int64 pass fewer than adding first.
+    """
+    np.clip(out, act_min - zero_point, act_max - zero_point, out=out)
+    y = out.astype(np.int8)
+    y += np.int8(zero_point)
+    return y
+
+
+# Output values per batch chunk (at least one sample): the int64 requantization temporaries
+# of a chunk (512 KB) stay in a core's L2 cache; im2col buffers are capped separately.
+CHUNK_OUTPUTS = 1 << 16
+CHUNK_VALUES = 1 << 21
+_FLOAT32_EXACT = 2**24  # every integer of magnitude <= 2**24 is a float32
+_FLOAT64_EXACT = 2**53
+
+
+def exact_float_dtype(weights: np.ndarray, max_abs_input: int) -> np.dtype | None:
+    """The narrowest float dtype in which a BLAS dot product of int8 data is exact, or None.
+
+    ``weights`` is (O, K) int8; the inputs are integers with ``|x| <= max_abs_input``.
+
+    Proof: every product ``x_k * w_ok`` is an integer of magnitude ``<= max_abs_input *
+    |w_ok|``. Whatever order and blocking BLAS sums in (with or without fused multiply-add),
+    each partial sum is the sum of a subset of one row's products, so an integer of magnitude
+    ``<= B = max_abs_input * max_o sum_k |w_ok|``. If ``B <= 2**24`` (float32) or ``2**53``
+    (float64) every product and partial sum is representable, so every rounding step is exact
+    and the float result is the integer sum. For int8 data ``B <= 128 * 127 * K``: float32
+    covers any K up to 1032 (worst case; real weights allow far more), float64 any K below
+    5.5e11, i.e. every layer a microcontroller can hold.
+
+    >>> exact_float_dtype(np.full((4, 576), 127, np.int8), 128) is None
+    False
+    >>> exact_float_dtype(np.full((4, 576), 127, np.int8), 128)
+    dtype('float64')
+    >>> exact_float_dtype(np.full((4, 576), 20, np.int8), 128)
+    dtype('float32')
+    """
+    l1 = np.abs(weights.reshape(weights.shape[0], -1).astype(np.int64)).sum(axis=1)
+    bound = int(max_abs_input) * int(l1.max(initial=0))
+    if bound <= _FLOAT32_EXACT:
+        return np.dtype(np.float32)
+    if bound <= _FLOAT64_EXACT:
+        return np.dtype(np.float64)
+    return None
+
+
+def _dot(a: np.ndarray, b: np.ndarray, dtype: np.dtype | None) -> np.ndarray:
+    """``a @ b`` of integer-valued arrays, exactly (float BLAS when ``dtype`` allows)."""
+    if dtype is None:
+        return a.astype(np.int64) @ b.astype(np.int64)
+    return a.astype(dtype, copy=False) @ b.astype(dtype, copy=False)
+
+
+def _offset(
+    filters_2d: np.ndarray, bias: np.ndarray | None, zero_point: int
+) -> tuple[np.ndarray, bool]:
+    """Per output channel ``bias - zero_point * sum(w)`` and whether int32 could overflow.
+
+    The kernels multiply raw int8 inputs (padded with the zero point) and add this offset,
+    which equals TFLM's ``sum((x - zp) * w) + bias``. TFLM's int32 sum wraps; the int64 sum
+    wrapped at the end is the same number (two's complement addition is modular), so the
+    wrap is needed only when ``255 * sum|w| + |bias|`` could leave the int32 range.
+    """
+    w = filters_2d.astype(np.int64)
+    b = np.zeros(w.shape[0], np.int64) if bias is None else bias.astype(np.int64).reshape(-1)
+    b = np.broadcast_to(b, (w.shape[0],))
+    offset = b - zero_point * w.sum(axis=1)
+    bound = 255 * np.abs(w).sum(axis=1) + np.abs(b)
+    return offset, bool(bound.max(initial=0) >= 2**31)
 
 
 def same_padding(in_size: int, filter_size: int, stride: int, dilation: int) -> tuple[int, int]:
@@ -74,39 +210,43 @@ def valid_padding(in_size: int, filter_size: int, stride: int, dilation: int) ->
     return (in_size - effective + stride) // stride, 0
 
 
-def _windows(
+def _pad_nhwc(
     x: np.ndarray,
     kernel: tuple[int, int],
     stride: tuple[int, int],
     dilation: tuple[int, int],
     pad: tuple[int, int],
     out: tuple[int, int],
-    fill: float,
-) -> list[np.ndarray]:
-    """Strided views (N, OH, OW, C) of a padded NHWC array, one per kernel tap (kh, kw)."""
+    fill: int,
+) -> np.ndarray:
+    """``x`` padded with ``fill`` before (``pad``) and after (what the windows still need)."""
     _n, h, w, _c = x.shape
     need_h = (out[0] - 1) * stride[0] + (kernel[0] - 1) * dilation[0] + 1
     need_w = (out[1] - 1) * stride[1] + (kernel[1] - 1) * dilation[1] + 1
     after_h = max(need_h - h - pad[0], 0)
     after_w = max(need_w - w - pad[1], 0)
-    xp = np.pad(x, ((0, 0), (pad[0], after_h), (pad[1], after_w), (0, 0)), constant_values=fill)
-    taps = []
-    for kh in range(kernel[0]):
-        for kw in range(kernel[1]):
-            h0, w0 = kh * dilation[0], kw * dilation[1]
-            taps.append(
-                xp[
-                    :,
-                    h0 : h0 + (out[0] - 1) * stride[0] + 1 : stride[0],
-                    w0 : w0 + (out[1] - 1) * stride[1] + 1 : stride[1],
-                    :,
-                ]
-            )
-    return taps
+    if not (pad[0] or pad[1] or after_h or after_w):
+        return x
+    return np.pad(x, ((0, 0), (pad[0], after_h), (pad[1], after_w), (0, 0)), constant_values=fill)
 
 
-def _to_int32(acc: np.ndarray) -> np.ndarray:
-    return wrap_int32(np.rint(acc).astype(np.int64))
+def _tap(xp: np.ndarray, kh: int, kw: int, stride, dilation, out, h_axis: int = 1) -> np.ndarray:
+    """The strided view of padded ``xp`` that kernel tap (kh, kw) reads: (N, OH, OW, C) for
+    NHWC, or (C, N, OH, OW) with ``h_axis=2``."""
+    h0, w0 = kh * dilation[0], kw * dilation[1]
+    index = [slice(None)] * xp.ndim
+    index[h_axis] = slice(h0, h0 + (out[0] - 1) * stride[0] + 1, stride[0])
+    index[h_axis + 1] = slice(w0, w0 + (out[1] - 1) * stride[1] + 1, stride[1])
+    return xp[tuple(index)]
+
+
+def _chunks(n: int, outputs_per_sample: int, values_per_sample: int = 0) -> list[slice]:
+    """Sample ranges holding about CHUNK_OUTPUTS outputs (and CHUNK_VALUES im2col values)."""
+    step = min(
+        CHUNK_OUTPUTS // max(outputs_per_sample, 1), CHUNK_VALUES // max(values_per_sample, 1)
+    )
+    step = max(1, step)
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
 
 def conv_2d(
@@ -123,29 +263,64 @@ def conv_2d(
 ) -> np.ndarray:
     """CONV_2D int8 per channel: x (N,H,W,C), filters (O,KH,KW,C) -> (N,OH,OW,O) int8.
 
-    Taps outside the input are skipped in TFLM; padding with the input zero point and
-    subtracting it gives the same zero contribution.
+    Taps outside the input are skipped in TFLM; padding with the input zero point gives them
+    a zero ``(x - zp) * w`` too. im2col of the raw int8 values (one strided copy per tap into
+    a float buffer), one BLAS matmul per batch chunk, the zero point folded into the bias.
     """
     o, kh, kw, c = filters.shape
     groups = x.shape[3] // c
-    xf = x.astype(np.float64) - input_zero_point
-    taps = _windows(xf, (kh, kw), stride, dilation, pad, out_hw, 0.0)
-    cols = np.stack(taps, axis=3)  # (N, OH, OW, KH*KW, C_total)
     n = x.shape[0]
-    if groups == 1:
-        acc = cols.reshape(n, *out_hw, kh * kw * c) @ filters.reshape(o, -1).astype(np.float64).T
-    else:  # grouped conv: each group of O/groups filters sees its C input channels
-        og = o // groups
-        parts = []
-        for g in range(groups):
-            cg = cols[..., g * c : (g + 1) * c].reshape(n, *out_hw, kh * kw * c)
-            fg = filters[g * og : (g + 1) * og].reshape(og, -1).astype(np.float64)
-            parts.append(cg @ fg.T)
-        acc = np.concatenate(parts, axis=-1)
-    acc = _to_int32(acc)
-    if bias is not None:
-        acc = wrap_int32(acc + bias.astype(np.int64))
-    return requant.apply(acc)
+    oh, ow = out_hw
+    out = np.empty((n, oh, ow, o), dtype=np.int8)
+    og = o // groups
+    for g in range(groups):
+        xg = x if groups == 1 else x[..., g * c : (g + 1) * c]
+        fg = filters[g * og : (g + 1) * og].reshape(og, kh * kw * c)
+        bg = None if bias is None else bias[g * og : (g + 1) * og]
+        rq = requant if groups == 1 else _requant_slice(requant, slice(g * og, (g + 1) * og))
+        out[..., g * og : (g + 1) * og] = _conv_group(
+            xg, fg, bg, (kh, kw), input_zero_point, stride, dilation, pad, out_hw, rq
+        )
+    return out
+
+
+def _requant_slice(r: Requant, sel: slice) -> Requant:
+    mult = r.multiplier if r.multiplier.size == 1 else r.multiplier[sel]
+    shift = r.shift if r.shift.size == 1 else r.shift[sel]
+    return Requant(mult, shift, r.output_zero_point, r.act_min, r.act_max, r.rounding)
+
+
+def _conv_group(x, w2d, bias, kernel, zp, stride, dilation, pad, out_hw, requant) -> np.ndarray:
+    """One group of CONV_2D: x (N,H,W,C) int8, w2d (O, KH*KW*C) int8 -> (N,OH,OW,O) int8.
+
+    im2col channels first: the input is transposed once to (C, N, H, W), each tap copies a
+    (C, n, OH, OW) block into rows of a (KH*KW*C, n*OH*OW) float matrix (long contiguous
+    runs even for C = 3), and ``w2d @ cols`` gives (O, rows) for the requantization.
+    """
+    (kh, kw), (oh, ow) = kernel, out_hw
+    n, c, o = x.shape[0], x.shape[3], w2d.shape[0]
+    dtype = exact_float_dtype(w2d, 128)  # raw int8 inputs: |x| <= 128
+    work = np.float64 if dtype is None else dtype
+    w = w2d.astype(work)  # (O, K), K ordered (kh, kw, c)
+    offset, may_overflow = _offset(w2d, bias, zp)
+    out = np.empty((n, oh, ow, o), dtype=np.int8)
+    pointwise = (kh, kw) == (1, 1) and stride == (1, 1) and (oh, ow) == x.shape[1:3]
+    xp = x if pointwise else _pad_nhwc(x, kernel, stride, dilation, pad, out_hw, zp)
+    xc = np.ascontiguousarray(xp.transpose(3, 0, 1, 2))  # (C, N, H, W)
+    for sl in _chunks(n, oh * ow * o, oh * ow * kh * kw * c):
+        m = sl.stop - sl.start
+        if pointwise:  # 1x1, stride 1: the input is already the im2col matrix
+            cols = xc[:, sl].reshape(c, m * oh * ow).astype(work)
+        else:
+            cols = np.empty((kh * kw, c, m, oh, ow), dtype=work)
+            for i in range(kh):
+                for j in range(kw):
+                    cols[i * kw + j] = _tap(xc[:, sl], i, j, stride, dilation, out_hw, h_axis=2)
+            cols = cols.reshape(kh * kw * c, m * oh * ow)
+        acc = _dot(w, cols, dtype)  # (O, rows): channels first for the requantization
+        y = requant.apply_in_slices(acc, offset, may_overflow)
+        out[sl] = y.reshape(o, m, oh, ow).transpose(1, 2, 3, 0)
+    return out
 
 
 def depthwise_conv_2d(
@@ -161,20 +336,34 @@ def depthwise_conv_2d(
     out_hw: tuple[int, int],
     requant: Requant,
 ) -> np.ndarray:
-    """DEPTHWISE_CONV_2D int8 per channel: filters (1,KH,KW,C*M); output channel c*M + m."""
+    """DEPTHWISE_CONV_2D int8 per channel: filters (1,KH,KW,C*M); output channel c*M + m.
+
+    KH*KW vectorised multiply-adds over strided views of the padded input, one batch chunk at
+    a time, in int32 (the input is widened once: int8 x int32 passes take numpy's slow
+    buffered casting loop). Exact: each product is at most 128 * 127 in magnitude, so any
+    kernel under 132,000 taps sums in int32 without overflow.
+    """
     _, kh, kw, oc = filters.shape
-    xf = x.astype(np.float64) - input_zero_point
+    n = x.shape[0]
+    oh, ow = out_hw
     if depth_multiplier > 1:
-        xf = np.repeat(xf, depth_multiplier, axis=3)  # channel c*M + m reads input channel c
-    taps = _windows(xf, (kh, kw), stride, dilation, pad, out_hw, 0.0)
-    f = filters.reshape(kh * kw, oc).astype(np.float64)
-    acc = np.zeros((x.shape[0], *out_hw, oc), dtype=np.float64)
-    for i, tap in enumerate(taps):
-        acc += tap * f[i]
-    acc = _to_int32(acc)
-    if bias is not None:
-        acc = wrap_int32(acc + bias.astype(np.int64))
-    return requant.apply(acc)
+        x = np.repeat(x, depth_multiplier, axis=3)  # channel c*M + m reads input channel c
+    f = filters.reshape(kh * kw, oc).astype(np.int32)
+    offset, may_overflow = _offset(f.T, bias, input_zero_point)
+    xp = _pad_nhwc(x, (kh, kw), stride, dilation, pad, out_hw, input_zero_point)
+    xp = xp.astype(np.int32)
+    out = np.empty((n, oh, ow, oc), dtype=np.int8)
+    for sl in _chunks(n, oh * ow * oc):
+        m = sl.stop - sl.start
+        acc = np.zeros((m, oh, ow, oc), dtype=np.int32)
+        tmp = np.empty_like(acc)
+        for i in range(kh):
+            for j in range(kw):
+                np.multiply(_tap(xp[sl], i, j, stride, dilation, out_hw), f[i * kw + j], out=tmp)
+                acc += tmp
+        y = requant.apply_channels_first(acc.reshape(-1, oc).T, offset, may_overflow)
+        out[sl] = y.T.reshape(m, oh, ow, oc)
+    return out
 
 
 def fully_connected(
@@ -187,13 +376,25 @@ def fully_connected(
     requant: Requant,
 ) -> np.ndarray:
     """FULLY_CONNECTED int8: x (N, ..., I) flattened to (-1, I), weights (O, I) -> (-1, O)."""
-    _o, i = weights.shape
-    xf = x.reshape(-1, i).astype(np.float64) - input_zero_point
-    wf = weights.astype(np.float64) - weight_zero_point
-    acc = _to_int32(xf @ wf.T)
-    if bias is not None:
-        acc = wrap_int32(acc + bias.astype(np.int64))
-    return requant.apply(acc)
+    o, i = weights.shape
+    rows = x.reshape(-1, i)
+    if weight_zero_point != 0:  # rare (int8 weights are symmetric): shift both operands.
+        # float64 is exact here: |products| <= 255 * 255, so any I below 1.3e11 (see
+        # exact_float_dtype's proof)
+        wf = weights.astype(np.int64) - weight_zero_point
+        acc = _dot(rows.astype(np.int64) - input_zero_point, wf.T, np.dtype(np.float64))
+        acc = wrap_int32(acc.astype(np.int64))
+        if bias is not None:
+            acc = wrap_int32(acc + bias.astype(np.int64))
+        return requant.apply(acc)
+    dtype = exact_float_dtype(weights, 128)
+    w = weights.astype(np.float64 if dtype is None else dtype)
+    offset, may_overflow = _offset(weights, bias, input_zero_point)
+    out = np.empty((rows.shape[0], o), dtype=np.int8)
+    for sl in _chunks(rows.shape[0], 0, i):
+        acc = _dot(w, rows[sl].T, dtype)  # (O, rows)
+        out[sl] = requant.apply_in_slices(acc, offset, may_overflow).T
+    return out
 
 
 @dataclass(frozen=True)
@@ -216,7 +417,23 @@ class AddParams:
 
 
 def add(a: np.ndarray, b: np.ndarray, p: AddParams) -> np.ndarray:
-    """ADD int8 (numpy broadcasting covers TFLM's broadcast variant)."""
+    """ADD int8 (numpy broadcasting covers TFLM's broadcast variant).
+
+    The output is a function of the two int8 inputs alone, so large inputs go through a
+    65,536-entry table of ``add_reference`` over every (a, b) pair: exact by construction.
+    """
+    if a.dtype != np.int8 or b.dtype != np.int8 or max(a.size, b.size) < 1 << 16:
+        return add_reference(a, b, p)
+    grid = np.arange(-128, 128, dtype=np.int64)
+    table = add_reference(grid[:, None], grid[None, :], p).reshape(-1)  # [a + 128, b + 128]
+    index = a.astype(np.int32) + 128
+    index <<= 8
+    index = index + (b.astype(np.int32) + 128)  # broadcasts
+    return table[index]
+
+
+def add_reference(a: np.ndarray, b: np.ndarray, p: AddParams) -> np.ndarray:
+    """ADD int8 computed step by step as TFLM's reference kernel does."""
     a1 = (a.astype(np.int64) + p.input1_offset) << p.left_shift
     b1 = (b.astype(np.int64) + p.input2_offset) << p.left_shift
     sa = multiply_by_quantized_multiplier(a1, p.input1_multiplier, p.input1_shift, p.rounding)
@@ -237,8 +454,12 @@ def max_pool_2d(
     act_max: int = INT8_MAX,
 ) -> np.ndarray:
     """MAX_POOL_2D int8: maximum over the window's valid taps, clamped to the activation."""
-    taps = _windows(x.astype(np.int16), kernel, stride, (1, 1), pad, out_hw, -32768)
-    out = np.max(np.stack(taps), axis=0)
+    xp = _pad_nhwc(x.astype(np.int16), kernel, stride, (1, 1), pad, out_hw, -32768)
+    out = _tap(xp, 0, 0, stride, (1, 1), out_hw).copy()
+    for i in range(kernel[0]):
+        for j in range(kernel[1]):
+            if i or j:
+                np.maximum(out, _tap(xp, i, j, stride, (1, 1), out_hw), out=out)
     return np.clip(out, act_min, act_max).astype(np.int8)
 
 
@@ -253,11 +474,15 @@ def average_pool_2d(
     act_max: int = INT8_MAX,
 ) -> np.ndarray:
     """AVERAGE_POOL_2D int8: sum of valid taps / their count, rounded half away from zero."""
-    taps = _windows(x.astype(np.int64), kernel, stride, (1, 1), pad, out_hw, 0)
-    ones = np.ones((1, *x.shape[1:3], 1), dtype=np.int64)
-    counts = _windows(ones, kernel, stride, (1, 1), pad, out_hw, 0)
-    acc = np.sum(np.stack(taps), axis=0)
-    count = np.sum(np.stack(counts), axis=0)  # (1, OH, OW, 1), never 0 for valid padding
+    xp = _pad_nhwc(x.astype(np.int64), kernel, stride, (1, 1), pad, out_hw, 0)
+    ones = _pad_nhwc(np.ones((1, *x.shape[1:3], 1), np.int64), kernel, stride, (1, 1), pad,
+                     out_hw, 0)  # fmt: skip
+    acc = np.zeros((x.shape[0], *out_hw, x.shape[3]), dtype=np.int64)
+    count = np.zeros((1, *out_hw, 1), dtype=np.int64)  # never 0 for SAME or VALID padding
+    for i in range(kernel[0]):
+        for j in range(kernel[1]):
+            acc += _tap(xp, i, j, stride, (1, 1), out_hw)
+            count += _tap(ones, i, j, stride, (1, 1), out_hw)
     half = count // 2
     num = np.where(acc > 0, acc + half, acc - half)
     out = _trunc_div(num, count)
@@ -365,6 +590,7 @@ __all__ = [
     "AddParams",
     "Requant",
     "add",
+    "add_reference",
     "average_pool_2d",
     "concatenation",
     "conv_2d",
