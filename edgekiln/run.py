@@ -17,8 +17,6 @@ Checkpoints are state dicts loaded with ``weights_only=True``: a run directory i
 from __future__ import annotations
 
 import datetime as dt
-import gzip
-import hashlib
 import importlib
 import json
 import logging
@@ -355,7 +353,8 @@ class _Run:
     ) -> dict[str, Any]:
         from edgekiln.pipeline.diagnostics import quantization_error
         from edgekiln.pipeline.sparsity import sparsity_report
-        from edgekiln.report import render_html, write_manifest, write_report
+        from edgekiln.report import write_html, write_manifest, write_report
+        from edgekiln.validate import artifact_entry
 
         self.progress.start("report", None)
         sparsity = sparsity_report(prepared).as_dict()
@@ -389,16 +388,24 @@ class _Run:
                 },
                 "seconds": round(time.monotonic() - self.started, 2),
             },
-            "sparsity": {"total": sparsity["sparsity"], "layers": sparsity["layers"]},
+            "sparsity": {
+                "total": sparsity["sparsity"],
+                "layers": [
+                    {
+                        "name": row["path"],
+                        **{k: row[k] for k in ("shape", "zeros", "total", "sparsity")},
+                    }
+                    for row in sparsity["layers"]
+                ],
+            },
             "quantization": {"layers": quantization_error(prepared, data.x_test[:256])},
-            "artifacts": [_artifact(p, self.dir) for p in files if p.exists()],
+            "artifacts": [artifact_entry(p, self.dir) for p in files if p.exists()],
             "targets": targets,
             "pairwise": pairs,
             "check": self.config.check,
         }
         write_report(report, self.dir / "report.json")
-        html = render_html(report)
-        atomic_write(self.dir / "report.html", lambda f: f.write(html.encode()))
+        write_html(report, self.dir / "report.html")
         self._complete("report")
         write_manifest(self.dir)
         self.progress.finish()
@@ -490,18 +497,6 @@ def _fmt(target: str) -> str:
     from edgekiln.validate import artifact_format
 
     return artifact_format(target)
-
-
-def _artifact(path: Path, root: Path) -> dict[str, Any]:
-    data = path.read_bytes()
-    fmt = {".onnx": "onnx", ".tflite": "tflite", ".npz": "graph"}[path.suffix]
-    return {
-        "path": str(path.relative_to(root)),
-        "format": fmt,
-        "bytes": len(data),
-        "gzip_bytes": len(gzip.compress(data, compresslevel=9, mtime=0)),
-        "sha256": hashlib.sha256(data).hexdigest(),
-    }
 
 
 def _version() -> str:

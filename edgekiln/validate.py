@@ -7,6 +7,8 @@ to its runner, and that turns ``TargetResult`` objects into the report's ``targe
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import itertools
 import logging
 from collections.abc import Callable, Iterable, Mapping
@@ -201,6 +203,20 @@ def run_targets(
         if on_done is not None:
             on_done(result)
     return results
+
+
+def artifact_entry(path: Path, root: Path | None = None) -> dict[str, Any]:
+    """The report's entry for an artifact file: path (relative to ``root`` when given),
+    format, bytes, gzip bytes and SHA-256."""
+    data = path.read_bytes()
+    fmt = {".onnx": "onnx", ".tflite": "tflite", ".npz": "graph"}.get(path.suffix.lower(), "")
+    return {
+        "path": str(path.relative_to(root)) if root is not None else str(path),
+        "format": fmt,
+        "bytes": len(data),
+        "gzip_bytes": len(gzip.compress(data, compresslevel=9, mtime=0)),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
 
 
 def _board(board: Any) -> dict[str, Any] | None:
