@@ -2,9 +2,15 @@
 
 Every non-constant tensor lives from the operator that writes it (the graph input from the
 first operator) to the last operator that reads it (graph outputs to the end). Scratch buffers
-live for their one operator. Buffers are placed largest first, each at the lowest 16-byte
-aligned offset that does not overlap a placed buffer whose lifetime overlaps, which is the
-rule of TFLM's ``GreedyMemoryPlanner``. The peak is the planned activation arena.
+live for their one operator. This is TFLM's ``GreedyMemoryPlanner`` rule for rule (read in
+tflite-micro's ``greedy_memory_planner.cc`` and ``micro_allocation_info.cc``): sizes are
+rounded up to 16 bytes; buffers are placed largest first, each at the lowest offset that does
+not overlap a placed buffer whose lifetime overlaps its own; and buffers of EQUAL size go in
+the REVERSE of the order they were added (tensors by index, then scratch buffers), because
+TFLM fills its sort array from the tail before a stable sort. That tie order matters: for
+ResNet-8 (four 16 KB activations of one size) placing ties in tensor order packs them into
+65,536 bytes, TFLM's reverse order into 51,264 bytes, which is what TFLM measures
+(``print_allocations`` "head"; benchmarks/mcu_sim.py prints both for every reference model).
 
 Scratch buffers counted (documented, per kernel library):
 
@@ -55,13 +61,17 @@ def _align(n: int) -> int:
 
 
 def plan_arena(buffers: list[Buffer], num_ops: int | None = None) -> ArenaPlan:
-    """Greedy by size, first fit into offsets.
+    """Greedy by size, first fit into offsets, as TFLM's GreedyMemoryPlanner.
+
+    ``buffers`` come in the order TFLM adds them (tensor index order, then scratch buffers):
+    equal sizes are placed last-added first.
 
     >>> bufs = [Buffer("a", 100, 0, 0), Buffer("b", 50, 1, 1), Buffer("c", 30, 0, 1)]
     >>> plan_arena(bufs).peak_bytes
     144
     """
-    order = sorted(buffers, key=lambda b: (-_align(b.size), b.first, b.name))
+    indexed = sorted(enumerate(buffers), key=lambda kb: (-_align(kb[1].size), -kb[0]))
+    order = [b for _, b in indexed]
     placed: list[tuple[int, int, Buffer]] = []  # (offset, aligned size, buffer)
     offsets: dict[str, int] = {}
     for buf in order:
@@ -85,7 +95,8 @@ def plan_arena(buffers: list[Buffer], num_ops: int | None = None) -> ArenaPlan:
 
 
 def tensor_buffers(model: TfliteModel) -> list[Buffer]:
-    """One buffer per activation tensor with its lifetime over the operator order."""
+    """One buffer per activation tensor with its lifetime over the operator order, in tensor
+    index order (the order TFLM adds them to its planner)."""
     n = len(model.operators)
     first: dict[int, int] = {i: 0 for i in model.inputs}
     last: dict[int, int] = {i: 0 for i in model.inputs}
@@ -100,10 +111,10 @@ def tensor_buffers(model: TfliteModel) -> list[Buffer]:
     for i in model.outputs:
         last[i] = n - 1
     out = []
-    for i, f in first.items():
+    for i in sorted(first):
         t = model.tensor(i)
         size = int(np.prod(t.shape, dtype=np.int64)) * t.dtype.itemsize
-        out.append(Buffer(f"{i}:{t.name}", size, f, last[i]))
+        out.append(Buffer(f"{i}:{t.name}", size, first[i], last[i]))
     return out
 
 

@@ -46,3 +46,31 @@ def run_tflm_many(cases: list[tuple[bytes, np.ndarray]]) -> list[dict | str]:
         except RuntimeError as e:
             results.append(f"{type(e).__name__}: {e}")
     return results
+
+
+def tflm_arena_head(models: list[bytes]) -> list[int]:
+    """TFLM's planned non-persistent arena ("head" of print_allocations) for each model."""
+    import os
+    import re
+    import tempfile
+
+    from tflite_micro import runtime
+
+    heads = []
+    for model in models:
+        interp = runtime.Interpreter.from_bytes(model, arena_size=1 << 22)
+        shape = interp.get_input_details(0)["shape"]
+        interp.set_input(np.zeros(shape, np.int8), 0)
+        interp.invoke()
+        saved = os.dup(2)
+        with tempfile.TemporaryFile() as f:
+            os.dup2(f.fileno(), 2)
+            try:
+                interp.print_allocations()
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+            f.seek(0)
+            text = f.read().decode(errors="replace")
+        heads.append(int(re.search(r"Arena allocation head (\d+)", text).group(1)))
+    return heads

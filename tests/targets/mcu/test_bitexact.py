@@ -56,3 +56,16 @@ def test_concatenation_with_different_parameters_is_refused_like_tflm(tflm_resul
     assert isinstance(tflm, str) and "allocate" in tflm
     with pytest.raises(SimulationError, match="CONCATENATION copies bytes and refuses"):
         simulate(model, x)
+
+
+def test_planned_arena_equals_tflm_measured_plan():
+    # TFLM's "head" is its planned non-persistent arena (activations and scratch). The
+    # planner follows GreedyMemoryPlanner rule for rule, so the bytes match exactly.
+    from edgekiln.exporters.tflite import tflite_bytes
+    from edgekiln.targets.mcu.memory import memory_report
+    from tests.targets.mcu import graphs
+
+    models = [tflite_bytes(graphs.resnet8()), tflite_bytes(graphs.every_op_cnn())]
+    heads = run_isolated(_tflm_child.tflm_arena_head, models, timeout=120)
+    planned = [memory_report(read_tflite(m), "reference").arena_bytes for m in models]
+    assert planned == heads

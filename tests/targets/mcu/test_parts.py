@@ -105,3 +105,14 @@ def test_hostile_inputs_raise_clear_errors():
             simulate(bytes(c), x)
         except ValueError:
             pass
+
+
+def test_planner_places_equal_sizes_last_added_first_like_tflm():
+    # ResNet-8's first stage: four 16 KB activations of one size plus an 18 KB PAD output.
+    # TFLM fills its sort array from the tail, so equal sizes go last-added first: 51,264 B
+    # (TFLM's measured head). Tensor order would give 65,536 B.
+    bufs = [Buffer("t1", 16384, 0, 3), Buffer("t4", 16384, 1, 2), Buffer("t7", 16384, 2, 3),
+            Buffer("t10", 16384, 3, 7), Buffer("t12", 18496, 4, 5)]  # fmt: skip
+    plan = plan_arena(bufs)
+    assert plan.peak_bytes == 51264
+    assert plan.offsets == {"t12": 0, "t10": 18496, "t7": 0, "t4": 16384, "t1": 34880}
