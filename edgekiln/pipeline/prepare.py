@@ -386,7 +386,7 @@ def _n_of_m_prunes(
             f"pattern '{pattern}' groups {m} consecutive inputs, which these layers cannot "
             f"hold; they stay dense: {', '.join(dense)}. Way out: widen them to a multiple of "
             f"{m} inputs, or use pattern='unstructured'",
-            stacklevel=3,
+            stacklevel=4,  # _n_of_m_prunes < _constrain_kernels < prepare < the caller
         )
     return fitted
 
