@@ -82,39 +82,47 @@ BOARDS: dict[str, Board] = {
     for b in (
         Board(
             "nucleo-l4r5zi", "cortex-m4", 120_000_000, 640 * KB, 2 * MB,
-            source="ST DS12023 'STM32L4R5xx STM32L4R7xx STM32L4S5xx STM32L4S7xx' datasheet; "
-            "ST product page 'NUCLEO-L4R5ZI'",
+            source="ST DS12023 'STM32L4R5xx STM32L4R7xx STM32L4S5xx STM32L4S7xx' datasheet and "
+            "RM0432 (120 MHz Cortex-M4F; 2 MB flash; 640 KB SRAM = SRAM1 192 KB + SRAM2 64 KB + "
+            "SRAM3 384 KB, one contiguous block from 0x20000000); MLPerf Tiny v0.5 reference "
+            "system description (mlcommons/tiny_results_v0.5, Nucleo_L4R5ZI_System_Description"
+            ".json: STM32L4R5ZIT6, 640KB SRAM, 2MB eFlash, 120 MHz)",
             notes="Cortex-M4F with FPU; the MLPerf Tiny v0.5/v1.0 reference board",
         ),
         Board(
             "nrf52840", "cortex-m4", 64_000_000, 256 * KB, 1 * MB,
             source="Nordic 'nRF52840 Product Specification' v1.7 (64 MHz Cortex-M4F, 1 MB flash, "
-            "256 KB RAM)",
+            "256 KB RAM in one block from 0x20000000)",
         ),
         Board(
-            "stm32h743", "cortex-m7", 480_000_000, 1 * MB, 2 * MB,
-            source="ST DS12110 'STM32H742xI/G STM32H743xI/G' datasheet (up to 1 MB RAM incl. "
-            "192 KB TCM, 2 MB flash, 480 MHz)",
-            notes="RAM is split into domains (DTCM 128 KB, AXI SRAM 512 KB, SRAM1-4); an arena "
-            "must fit one contiguous region in practice",
+            "stm32h743", "cortex-m7", 480_000_000, 512 * KB, 2 * MB,
+            source="ST DS12110 'STM32H742xI/G STM32H743xI/G' datasheet and RM0433 (480 MHz; 2 MB "
+            "flash; 1 MB of RAM in separate regions: ITCM 64 KB, DTCM 128 KB, AXI SRAM 512 KB, "
+            "SRAM1-3 288 KB, SRAM4 64 KB)",
+            notes="sram_bytes is the AXI SRAM (D1 domain), the largest contiguous region an "
+            "arena can occupy; the 1 MB total is split across address ranges",
         ),
         Board(
-            "stm32u575", "cortex-m33", 160_000_000, 786 * KB, 2 * MB,
-            source="ST DS13737 'STM32U575xx' datasheet (160 MHz Cortex-M33, 786 KB SRAM, 2 MB "
-            "flash)",
+            "stm32u575", "cortex-m33", 160_000_000, 768 * KB, 2 * MB,
+            source="ST DS13737 'STM32U575xx' datasheet and RM0456 (160 MHz Cortex-M33; 2 MB flash; "
+            "786 KB SRAM: SRAM1 192 KB + SRAM2 64 KB + SRAM3 512 KB contiguous from 0x20000000, "
+            "SRAM4 16 KB at 0x28000000, 2 KB backup SRAM)",
+            notes="sram_bytes is SRAM1-3 (768 KB), the largest contiguous region; the product "
+            "figure 786 KB counts SRAM4 and the backup SRAM",
         ),
         Board(
             "rp2040", "cortex-m0plus", 133_000_000, 264 * KB, 2 * MB,
-            source="Raspberry Pi 'RP2040 Datasheet' (dual Cortex-M0+ 133 MHz, 264 KB SRAM, no "
-            "internal flash); 'Raspberry Pi Pico Datasheet' (2 MB W25Q16JV QSPI flash)",
+            source="Raspberry Pi 'RP2040 Datasheet' (dual Cortex-M0+ 133 MHz, 264 KB SRAM in one "
+            "address range: four striped 64 KB banks + two 4 KB banks; no internal flash); "
+            "'Raspberry Pi Pico Datasheet' (2 MB W25Q16JV QSPI flash)",
             notes="flash is external QSPI executed in place through a 16 KB cache; one core is "
             "modelled",
         ),
         Board(
             "alif-e7-hp", "cortex-m55", 400_000_000, 1 * MB, 5632 * KB,
             source="Alif whitepaper 'RAM Regions and Linker Files in Alif Microcontrollers' "
-            "(RTSS-HP M55 at 400 MHz: SRAM2 256 KB ITCM, SRAM3 1024 KB DTCM); Alif 'Ensemble E7' "
-            "product brief (up to 5.5 MB MRAM)",
+            "(RTSS-HP M55 at 400 MHz: SRAM2 256 KB ITCM, SRAM3 1024 KB DTCM at 400 MHz); Alif "
+            "'Ensemble E7' product brief (up to 5.5 MB MRAM)",
             notes="sram_bytes is the HP core's 1 MB DTCM; 6.5 MB of bulk SRAM0/1 is also "
             "reachable at 400 MHz (Rev B) but slower; the Ethos-U55 NPU is not modelled",
         ),

@@ -116,3 +116,26 @@ def test_planner_places_equal_sizes_last_added_first_like_tflm():
     plan = plan_arena(bufs)
     assert plan.peak_bytes == 51264
     assert plan.offsets == {"t12": 0, "t10": 18496, "t7": 0, "t4": 16384, "t1": 34880}
+
+
+def test_target_catalog_lists_runtimes_and_every_board():
+    from edgekiln.targets import catalog
+
+    assert doctest.testmod(catalog).failed == 0
+    targets = catalog.list_targets()
+    names = [t.name for t in targets]
+    assert names[:3] == ["onnxruntime", "litert", "tflm"]
+    assert {f"mcu:{b}" for b in boards.BOARDS} <= set(names)
+    for t in targets:
+        assert t.description and "\n" not in t.description
+        if t.kind == "mcu":
+            assert t.core and t.clock_hz and t.sram_bytes and t.flash_bytes and t.source
+    with pytest.raises(ValueError, match=r"unknown target 'mcu:esp32'; known targets: onnx"):
+        catalog.get_target_info("mcu:esp32")
+
+
+def test_board_sram_is_the_largest_contiguous_region():
+    # an arena is one contiguous block: split RAM counts its largest region only
+    assert get_board("stm32h743").sram_bytes == 512 * 1024  # AXI SRAM of 1 MB total
+    assert get_board("stm32u575").sram_bytes == 768 * 1024  # SRAM1-3 of 786 KB total
+    assert get_board("nucleo-l4r5zi").sram_bytes == 640 * 1024

@@ -73,13 +73,31 @@ def test_user_mistakes_raise_before_running(cnn_path, tmp_path):
         run_mcu(cnn_path, np.zeros((1, 3, 12, 12), np.float32), board="rp2040", kernels="fast")
 
 
-def test_latency_estimate_is_within_2x_of_mlperf_tiny_resnet8():
-    # MLPerf Tiny v0.5 reference (TFLM + CMSIS-NN, NUCLEO-L4R5ZI, 120 MHz): image
-    # classification 704 ms per inference (Banbury et al. 2021, results table).
-    m = read_tflite(_bytes(graphs.resnet8()))
+@pytest.mark.parametrize("name", ["resnet8", "ds_cnn", "mobilenet_v1_025"])
+def test_latency_estimate_is_within_2x_of_mlperf_tiny_reference(name):
+    # MLPerf Tiny v0.5 reference submission (TFLM 2.3.1 + CMSIS-NN, NUCLEO-L4R5ZI, 120 MHz),
+    # median throughput in mlcommons/tiny_results_v0.5: IC 1.420/s (704.2 ms), KWS 5.497/s
+    # (181.9 ms), VWW 1.665/s (600.6 ms). ResNet-8 and DS-CNN calibrate the conv and depthwise
+    # coefficients; MobileNet is predicted. 2x: a latency model with per-kind coefficients
+    # cannot see memory-layout effects of single layers, and 2x is the band that still ranks
+    # boards and models correctly.
+    from edgekiln.targets.mcu.latency import MLPERF_TINY_V05_L4R5ZI_MS
+
+    published = MLPERF_TINY_V05_L4R5ZI_MS[name]
+    m = read_tflite(_bytes(graphs.GRAPHS[name]()))
     ms = estimate_ms(m, get_board("nucleo-l4r5zi"), "cmsis-nn")
-    assert 704 / 2 <= ms <= 704 * 2
+    assert published / 2 <= ms <= published * 2, (name, ms, published)
     assert estimate_ms(m, get_board("nucleo-l4r5zi"), "reference") > 3 * ms
+
+
+def test_published_reference_latencies_are_the_logged_throughputs():
+    from edgekiln.targets.mcu.latency import M4_CMSIS_CPM, MLPERF_TINY_V05_L4R5ZI_MS
+
+    assert {k: round(v, 1) for k, v in MLPERF_TINY_V05_L4R5ZI_MS.items()} == {
+        "resnet8": 704.2, "ds_cnn": 181.9, "mobilenet_v1_025": 600.6, "fc_autoencoder": 10.1,
+    }  # fmt: skip
+    # depthwise costs about 3x a convolution per MAC on CMSIS-NN (derived, see latency.py)
+    assert 2.5 < M4_CMSIS_CPM["DEPTHWISE_CONV_2D"] / M4_CMSIS_CPM["CONV_2D"] < 3.5
 
 
 def test_memory_report_counts_constants_and_file(cnn_path):
