@@ -97,7 +97,10 @@ def run_litert(
     try:
         raw = run_isolated(_litert_child, path.read_bytes(), xb, options, timeout=timeout)
     except IsolatedRunError as e:
-        return TargetResult(TARGET, str(path), ok=False, error=str(e))
+        error = str(e)
+        if resolver == "AUTO" and "XNNPACK" in error:
+            error += xnnpack_diagnosis(model)
+        return TargetResult(TARGET, str(path), ok=False, error=error)
     details = {
         "runtime": f"ai-edge-litert {_version('ai-edge-litert')}",
         "op_resolver": resolver,
@@ -113,6 +116,42 @@ def run_litert(
     if keep_intermediates:
         details["intermediates"] = activations_by_name(model, raw["intermediates"])
     return finish_result(TARGET, path, model, raw["output"], labels, latency, details)
+
+
+# XNNPACK's int8 convolution and fully connected operators refuse a requantization scale
+# ``input_scale * filter_scale / output_scale`` of 256 or more ("failed to prepare"); measured
+# on this machine: 94 runs, 787 fails. Such a scale comes from an output range near zero (a ReLU
+# that saw only negative values during calibration gets the minimum scale).
+XNNPACK_MAX_REQUANT_SCALE = 256.0
+
+
+def xnnpack_diagnosis(model: TfliteModel) -> str:
+    """Why XNNPACK may have refused ``model``: the ops whose requantization scale it rejects.
+
+    Returns an empty string when no op exceeds ``XNNPACK_MAX_REQUANT_SCALE``.
+    """
+    found = []
+    for op in model.operators:
+        if op.opcode not in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"):
+            continue
+        x, w = (model.tensors[i] for i in op.inputs[:2])
+        out = model.tensors[op.outputs[0]]
+        if not (x.scale.size and w.scale.size and out.scale.size):
+            continue
+        ratio = float(np.max(x.scale[0] * w.scale.astype(np.float64)) / out.scale[0])
+        if ratio >= XNNPACK_MAX_REQUANT_SCALE:
+            found.append(
+                f"operator {op.index} ({op.opcode}) writing {out.name!r}: input scale x filter "
+                f"scale / output scale = {ratio:.4g} (output scale {float(out.scale[0]):.3g})"
+            )
+    if not found:
+        return ""
+    return (
+        ". XNNPACK accepts requantization scales below "
+        f"{XNNPACK_MAX_REQUANT_SCALE:g}; too large in {'; '.join(found)}. The output range of "
+        "that layer is near zero (e.g. a ReLU whose input was negative on all calibration "
+        "data): calibrate with data that reaches it, or run with xnnpack=False"
+    )
 
 
 # ---- shared with the TFLM target -------------------------------------------------------------

@@ -139,6 +139,8 @@ def run_onnxruntime(
     except _ArtifactError as e:
         return TargetResult(TARGET, str(path), ok=False, error=str(e))
     feed = _prepare_input(np.asarray(x), inp)
+    if feed.shape[0] == 0:
+        raise ValueError(f"x has shape {np.shape(x)}: an empty batch; pass at least one sample")
     labels = _check_labels(y, feed.shape[0])
 
     options = {
@@ -211,10 +213,22 @@ def _read_boundary(path: Path) -> tuple[_Boundary, _Boundary]:
             "re-export it with edgekiln.exporters.onnx.write_onnx"
         ) from None
     g = model.graph
-    consts = {t.name: numpy_helper.to_array(t) for t in g.initializer}
-    for node in g.node:
-        if node.op_type == "Constant" and node.attribute:
-            consts[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    try:
+        consts = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+        for node in g.node:
+            if node.op_type == "Constant" and node.attribute:
+                consts[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    except Exception as e:  # raw data that does not fit the dims or dtype it declares
+        raise _ArtifactError(
+            f"{str(path)!r} holds a constant onnx cannot read ({type(e).__name__}: {e}); "
+            "the file is corrupted: re-export it with edgekiln.exporters.onnx.write_onnx"
+        ) from None
+    if not g.node:
+        raise _ArtifactError(
+            f"{str(path)!r} has no nodes (an empty or truncated file); re-export it with "
+            "edgekiln.exporters.onnx.write_onnx"
+        )
+    _check_scales(path, g, consts)
     init_names = {t.name for t in g.initializer}
     inputs = [v for v in g.input if v.name not in init_names]
     if len(inputs) != 1:
@@ -248,6 +262,31 @@ def _read_boundary(path: Path) -> tuple[_Boundary, _Boundary]:
     )
     writer = next((n for n in g.node if n.op_type == writer_type and out.name in n.output), None)
     return boundary(inp, reader), boundary(out, writer)
+
+
+def _check_scales(path: Path, g: Any, consts: dict[str, np.ndarray]) -> None:
+    """Every constant Q/DQ scale must be positive and finite.
+
+    ONNX Runtime does not check: given a scale of 0, NaN or -1 it runs and returns garbage
+    (measured: no error, outputs tens of LSB off). A corrupted or hand-edited artifact is
+    reported as a failed target instead.
+    """
+    for node in g.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear") or len(node.input) < 2:
+            continue
+        scale = consts.get(node.input[1])
+        if scale is None:
+            continue  # computed at run time: nothing to check here
+        values = np.asarray(scale, dtype=np.float64).reshape(-1)
+        bad = ~np.isfinite(values) | (values <= 0)
+        if bad.any():
+            raise _ArtifactError(
+                f"{str(path)!r}: {node.op_type} node {node.name!r} of tensor "
+                f"{node.input[0] if node.op_type == 'DequantizeLinear' else node.output[0]!r} "
+                f"has scale {values[bad][:4].tolist()} ({node.input[1]!r}); every scale must be "
+                "positive and finite. The file is corrupted or was edited: re-export it with "
+                "edgekiln.exporters.onnx.write_onnx"
+            )
 
 
 def _prepare_input(x: np.ndarray, inp: _Boundary) -> np.ndarray:
