@@ -257,8 +257,10 @@ class _Capture:
         for what, arr in (("weight", w_np), ("weight scale", s_w), ("bias", b.numpy())):
             if not np.all(np.isfinite(arr)):
                 raise CaptureError(f"layer {layer!r} has a non-finite {what}: refusing to export")
+        w_int = QParams.per_channel(s_w, axis=0).quantize(w_np)  # (C_out, C_in / g, *k) int8
+        s_w = _fit_dead_channel_scales(w_int, s_w, s_in, b.numpy())
         w_q = QParams.per_channel(s_w, axis=0)
-        w_int = w_q.quantize(w_np)  # (C_out, C_in / groups, *kernel) int8
+        w_int = w_q.quantize(w_np)
         b_scale = (s_in * s_w).astype(np.float32)  # (C_out,) float32
         b_int = np.round(b.numpy().astype(np.float64) / b_scale.astype(np.float64))
         if np.abs(b_int).max(initial=0) > INT32_MAX:
@@ -406,6 +408,22 @@ class _Capture:
 
     def _batch_norm(self, node: fx.Node, module: nn.Module | None) -> None:
         raise unsupported(node, "BatchNorm left in a prepared model")
+
+
+def _fit_dead_channel_scales(
+    w_int: np.ndarray, s_w: np.ndarray, s_in: np.ndarray, bias: np.ndarray
+) -> np.ndarray:
+    """Weight scales (C_out,) float32 where every all-zero output channel can hold its bias.
+
+    An all-zero filter (dead, or pruned) observes a zero range and gets the minimum scale, so
+    its bias would not fit int32 at ``input_scale * weight_scale``. Any scale represents zero
+    weights; take the smallest that puts the bias within 2**30 (precision kept, int32 safe).
+    """
+    dead = ~(w_int != 0).reshape(w_int.shape[0], -1).any(axis=1)  # (C_out,) bool
+    if not dead.any():
+        return s_w
+    need = (np.abs(bias.astype(np.float64)) / (float(s_in[0]) * 2.0**30)).astype(np.float32)
+    return np.where(dead, np.maximum(s_w, need), s_w).astype(np.float32)
 
 
 def _conv_attrs(module: nn.Module, node: fx.Node) -> dict[str, Any]:

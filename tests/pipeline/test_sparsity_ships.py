@@ -210,3 +210,25 @@ def test_recipe_mode_and_sweep():
 def test_errors_name_the_rule_and_the_way_out(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_a_dead_filter_with_a_bias_is_captured():
+    """Unstructured pruning can empty a whole filter while its bias stays: capture gives that
+    channel a weight scale its bias fits at (any scale represents zero weights)."""
+    from edgekiln.ir.reference import run_reference
+    from edgekiln.pipeline.train import calibrate
+
+    conv = nn.Conv2d(2, 3, 3, padding=1)
+    with torch.no_grad():
+        conv.weight[0].zero_()
+        conv.bias.fill_(0.5)
+    x = np.random.default_rng(0).normal(0, 1e-3, (16, 2, 6, 6)).astype(np.float32)
+    model = prepare(nn.Sequential(conv).eval(), torch.from_numpy(x[:2]))
+    calibrate(model, x)
+    graph = capture(model.eval())
+    q = graph.tensor(graph.inputs[0]).quant.quantize(x)
+    out = run_reference(graph, q)[graph.outputs[0]]
+    with torch.no_grad():
+        fq = model(torch.from_numpy(x)).numpy()
+    expected = graph.tensor(graph.outputs[0]).quant.quantize(fq)
+    assert np.abs(out.astype(int) - expected).max() <= 1  # 1 LSB: int32 bias rounding
