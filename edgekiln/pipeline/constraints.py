@@ -43,10 +43,12 @@ Ordering rules (checked, with errors that say the way out):
   :class:`Transform` (they would not act on the transform's output, as their position suggests).
 - Clip, L1, L2 and Transform stack freely (two Clips intersect).
 
-Known shortcoming: the version counter is local to a process. Under DDP, a rank whose parameters
-are overwritten in place by DDP's initial broadcast would count one extra projection; call
-:func:`apply_projections` on every rank right after wrapping the model in DDP, which makes every
-rank's count equal again. It goes away when projections are keyed to optimizer steps.
+Known shortcoming: the version counter is local to a process. DDP's initial broadcast copies rank
+0's parameters in place, which bumps the counter (on every rank with torch 2.13; the copy may skip
+rank 0 in other versions), so the next forward would count a projection step that no optimizer
+took. :func:`edgekiln.distributed.wrap` runs :func:`apply_projections` before wrapping and
+:func:`mark_projected` after it; do the same when wrapping by hand. It goes away when
+projections are keyed to optimizer steps.
 """
 
 from __future__ import annotations
@@ -88,6 +90,7 @@ __all__ = [
     "constrain",
     "constraints_of",
     "freeze_masks",
+    "mark_projected",
     "prune_mask",
     "set_fake_quant",
     "start_qat",
@@ -1026,6 +1029,23 @@ def apply_projections(model: nn.Module) -> int:
     (1, [[0.10000000149011612, 0.10000000149011612]], 0)
     """
     return sum(_project_module(m) for m in model.modules())
+
+
+def mark_projected(model: nn.Module) -> None:
+    """Count the current value of every constrained tensor in ``model`` as projected (no step).
+
+    For a value written in place that was already projected elsewhere, e.g. the projected
+    weights DDP copies from rank 0 to every rank when it wraps the model. The schedules'
+    step counters do not move.
+
+    >>> lin = constrain(nn.Linear(2, 1), Prune(0.5))
+    >>> with torch.no_grad():
+    ...     _ = lin.parametrizations.weight.original.mul_(1.0)
+    >>> mark_projected(lin); apply_projections(lin), int(lin.parametrizations.weight[0].step)
+    (0, 1)
+    """
+    for module in model.modules():
+        _after_load_hook(module, None)
 
 
 def _projection_pre_hook(module: nn.Module, args: object) -> None:
