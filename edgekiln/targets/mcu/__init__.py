@@ -16,7 +16,7 @@ import numpy as np
 from edgekiln.formats.tflite import TfliteModel
 from edgekiln.targets.base import Latency, TargetResult
 from edgekiln.targets.mcu.boards import BOARDS, Board, get_board
-from edgekiln.targets.mcu.compare import LayerComparison, compare_layers
+from edgekiln.targets.mcu.compare import LayerComparison, compare_layers, compare_results
 from edgekiln.targets.mcu.interpreter import SUPPORTED_OPS, SimResult, SimulationError, simulate
 from edgekiln.targets.mcu.latency import KERNEL_LIBRARIES, layer_costs
 from edgekiln.targets.mcu.memory import memory_report
@@ -31,6 +31,7 @@ __all__ = [
     "SimResult",
     "SimulationError",
     "compare_layers",
+    "compare_results",
     "get_board",
     "run_mcu",
     "simulate",
@@ -53,6 +54,9 @@ def run_mcu(
     with TFLM's reference kernels; latency is the latency model's estimate; ``details`` carry
     the arena and flash figures, the per-layer table and the budget check. A model over the
     board's SRAM or flash gives ``ok=False`` with its outputs still computed.
+    ``keep_intermediates=True`` adds every activation to ``details["intermediates"]`` by tensor
+    name, batch first, 4-D tensors in NCHW (as ``run_tflm`` and ``run_litert`` give them), for
+    ``compare_results``.
 
     >>> r = run_mcu("model.tflite", x, y, board="nucleo-l4r5zi")  # doctest: +SKIP
     >>> r.target, r.latency.estimated  # doctest: +SKIP
@@ -100,8 +104,11 @@ def run_mcu(
         "ops": model.opcodes(),
         "input_layout": layout,
     }
-    if keep_intermediates:
-        details["intermediates"] = sim.tensors
+    if keep_intermediates:  # by tensor name, batch first, 4-D in NCHW as TFLM and LiteRT give
+        details["intermediates"] = {
+            name: np.transpose(v, (0, 3, 1, 2)) if v.ndim == 4 else v
+            for name, v in sim.tensors.items()
+        }
         details["order"] = sim.order
     scale = float(out_t.scale[0]) if out_t.scale.size else None
     zp = int(out_t.zero_point[0]) if out_t.zero_point.size else None
