@@ -310,3 +310,27 @@ def test_observer_reset() -> None:
         obs.qparams()
     obs.observe(torch.full((3, 2), -2.0))
     assert obs.min_val.tolist() == [-2.0] * 3
+
+
+@pytest.mark.parametrize("zero_point", [-128, -3, 0, 77, 127])
+def test_fast_per_tensor_path_equals_torch_values_and_gradients(zero_point):
+    """The per-tensor fast path must equal torch's kernel bit for bit, rounding ties included."""
+    scale = torch.tensor(0.0173)
+    steps = torch.arange(-300, 300, dtype=torch.float32)
+    ties = (steps + 0.5) * scale  # exactly between two grid points (up to float32 rounding)
+    x = torch.cat([ties, torch.randn(5000) * 3, torch.tensor([0.0, -0.0, 1e6, -1e6])])
+    x = x.clone().requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    ours = fake_quantize(x, scale, torch.tensor(zero_point, dtype=torch.int32), ACTIVATION_SPEC)
+    ref = torch.fake_quantize_per_tensor_affine(x_ref, scale, torch.tensor(zero_point), -128, 127)
+    assert torch.equal(ours, ref)
+    grad = torch.randn_like(ours)
+    ours.backward(grad)
+    ref.backward(grad)
+    assert torch.equal(x.grad, x_ref.grad)
+
+
+def test_float64_input_takes_torchs_own_path():
+    x = torch.linspace(-2, 2, 50, dtype=torch.float64)
+    out = fake_quantize(x, torch.tensor(0.1), torch.tensor(0, dtype=torch.int32), ACTIVATION_SPEC)
+    assert out.dtype == torch.float64
