@@ -27,6 +27,7 @@ from edgekiln.ir.graph import (
     Activation,
     DType,
     Graph,
+    GraphError,
     Op,
     OpType,
     QParams,
@@ -209,8 +210,8 @@ class GraphBuilder:
         wq = weight_qparams(weight)
         w = self._constant("w", wq.quantize(weight), wq, DType.INT8)
         if bias is None:
-            bias = self._rng.normal(0, 0.1, weight.shape[0])
-        in_scale = self._tensors[x].quant.scale  # (1,)
+            bias = self._rng.normal(0, 0.1, int(weight.shape[0]))
+        in_scale = self._quant(x).scale  # (1,)
         bq = QParams.per_channel((in_scale * wq.scale).astype(np.float32), axis=0)  # (C_out,)
         b = self._constant(
             "b", bq.quantize(np.asarray(bias, np.float32), DType.INT32), bq, DType.INT32
@@ -252,9 +253,19 @@ class GraphBuilder:
         tensor = self._tensors[name]
         if tensor.data is None:
             return self._float[name]
+        quant = self._quant(name)
         if tensor.dtype == DType.INT32:
-            return (tensor.data * tensor.quant.scale.astype(np.float64)).astype(np.float32)
-        return tensor.quant.dequantize(tensor.data)
+            return (tensor.data * quant.scale.astype(np.float64)).astype(np.float32)
+        return quant.dequantize(tensor.data)
+
+    def _quant(self, name: str) -> QParams:
+        quant = self._tensors[name].quant
+        if quant is None:  # every tensor the builder makes is quantized
+            raise GraphError(
+                f"tensor {name!r} has no quantization parameters, but every tensor of a "
+                "GraphBuilder needs them; add tensors only through the builder's methods"
+            )
+        return quant
 
 
 class _View:

@@ -10,10 +10,17 @@ can be checked against it in LSB. It is a reference, not a fast path.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Protocol
 
 import numpy as np
 
-from edgekiln.ir.graph import Activation, DType, Graph, GraphError, Op, OpType
+from edgekiln.ir.graph import Activation, DType, Graph, GraphError, Op, OpType, Tensor
+
+
+class TensorLookup(Protocol):
+    """What the float kernels read of a graph: tensors by name (a Graph is one)."""
+
+    def tensor(self, name: str) -> Tensor: ...
 
 
 def run_reference(
@@ -43,7 +50,7 @@ def run_reference(
     return values
 
 
-def float_op(op: Op, real_inputs: list[np.ndarray], graph: Graph) -> np.ndarray:
+def float_op(op: Op, real_inputs: list[np.ndarray], graph: TensorLookup) -> np.ndarray:
     """The float32 result of ``op`` on real-valued inputs (activation applied, not quantized)."""
     return _KERNELS[op.type](op, real_inputs, graph)
 
@@ -80,16 +87,17 @@ def _windows(
         (s - d * (k - 1) - 1) // st + 1
         for s, k, st, d in zip(spatial, kernel, stride, dilation, strict=True)
     )
-    idx = []
+    idx: list[np.ndarray] = []
     for dim, (o, k, st, d) in enumerate(zip(out, kernel, stride, dilation, strict=True)):
         pos = np.arange(o)[:, None] * st + np.arange(k)[None, :] * d  # (o, k)
         shape = [1] * (2 * len(out))
         shape[dim], shape[len(out) + dim] = o, k
         idx.append(pos.reshape(shape))
-    return x[(slice(None), slice(None), *idx)]
+    index: tuple[slice | np.ndarray, ...] = (slice(None), slice(None), *idx)
+    return x[index]
 
 
-def _conv(op: Op, real: list[np.ndarray], graph: Graph) -> np.ndarray:
+def _conv(op: Op, real: list[np.ndarray], graph: TensorLookup) -> np.ndarray:
     x, w, b = real
     a = op.attrs
     xp = _pad_spatial(x, a["padding"], 0.0)
@@ -105,23 +113,23 @@ def _conv(op: Op, real: list[np.ndarray], graph: Graph) -> np.ndarray:
     return _activate(y.astype(np.float32), a["activation"])
 
 
-def _linear(op: Op, real: list[np.ndarray], graph: Graph) -> np.ndarray:
+def _linear(op: Op, real: list[np.ndarray], graph: TensorLookup) -> np.ndarray:
     x, w, b = real
     return _activate((x @ w.T + b).astype(np.float32), op.attrs["activation"])
 
 
-def _add(op: Op, real: list[np.ndarray], graph: Graph) -> np.ndarray:
+def _add(op: Op, real: list[np.ndarray], graph: TensorLookup) -> np.ndarray:
     return _activate(real[0] + real[1], op.attrs["activation"])
 
 
-def _max_pool(op: Op, real: list[np.ndarray], graph: Graph) -> np.ndarray:
+def _max_pool(op: Op, real: list[np.ndarray], graph: TensorLookup) -> np.ndarray:
     a = op.attrs
     xp = _pad_spatial(real[0], a["padding"], -np.inf)
     win = _windows(xp, a["kernel"], a["stride"], (1,) * len(a["kernel"]))
     return win.reshape(*win.shape[: 2 + len(a["kernel"])], -1).max(axis=-1)
 
 
-def _avg_pool(op: Op, real: list[np.ndarray], graph: Graph) -> np.ndarray:
+def _avg_pool(op: Op, real: list[np.ndarray], graph: TensorLookup) -> np.ndarray:
     a = op.attrs
     nk = len(a["kernel"])
     ones = np.ones((1, 1, *real[0].shape[2:]), dtype=np.float32)
@@ -132,26 +140,26 @@ def _avg_pool(op: Op, real: list[np.ndarray], graph: Graph) -> np.ndarray:
     return (total / count).astype(np.float32)
 
 
-def _mean(op: Op, real: list[np.ndarray], graph: Graph) -> np.ndarray:
+def _mean(op: Op, real: list[np.ndarray], graph: TensorLookup) -> np.ndarray:
     return real[0].mean(axis=tuple(op.attrs["axes"]), keepdims=op.attrs["keepdims"])
 
 
-def _reshape(op: Op, real: list[np.ndarray], graph: Graph) -> np.ndarray:
+def _reshape(op: Op, real: list[np.ndarray], graph: TensorLookup) -> np.ndarray:
     shape = op.attrs["shape"]
     return real[0].reshape(real[0].shape[0], *shape[1:])
 
 
-def _concat(op: Op, real: list[np.ndarray], graph: Graph) -> np.ndarray:
+def _concat(op: Op, real: list[np.ndarray], graph: TensorLookup) -> np.ndarray:
     return np.concatenate(real, axis=op.attrs["axis"])
 
 
-def _softmax(op: Op, real: list[np.ndarray], graph: Graph) -> np.ndarray:
+def _softmax(op: Op, real: list[np.ndarray], graph: TensorLookup) -> np.ndarray:
     z = real[0] * op.attrs["beta"]
     e = np.exp(z - z.max(axis=-1, keepdims=True))
     return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
 
 
-def _pad(op: Op, real: list[np.ndarray], graph: Graph) -> np.ndarray:
+def _pad(op: Op, real: list[np.ndarray], graph: TensorLookup) -> np.ndarray:
     return np.pad(real[0], op.attrs["padding"], constant_values=0.0)
 
 

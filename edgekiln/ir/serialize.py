@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -58,7 +59,9 @@ def save_graph(graph: Graph, path: str | os.PathLike[str]) -> Path:
         ],
     }
     arrays["__header__"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
-    return atomic_write(path, lambda f: np.savez(f, **arrays))
+    # keys are "__header__", "s<i>", "z<i>", "d<i>", never savez's own "allow_pickle"; the numpy
+    # stubs cannot know that a str-keyed ** holds no such key
+    return atomic_write(path, lambda f: np.savez(f, **arrays))  # type: ignore[arg-type]
 
 
 def load_graph(path: str | os.PathLike[str]) -> Graph:
@@ -98,7 +101,7 @@ def load_graph(path: str | os.PathLike[str]) -> Graph:
     return graph
 
 
-def atomic_write(path: str | os.PathLike[str], write: Any) -> Path:
+def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], object]) -> Path:
     """Call ``write(file)`` on a temporary file beside ``path``, then rename it into place.
 
     A crash mid-write leaves the old file (or none), never a half-written one.

@@ -187,7 +187,8 @@ def _zero_channels(graph: Graph) -> dict[str, np.ndarray]:
     for op in graph.ops:
         out = op.outputs[0]
         size = _channels(graph.tensor(out))
-        xs = [zero.get(n) for n in op.inputs if not graph.tensor(n).is_constant]
+        # the graph is validated and topologically sorted: every activation input is known
+        xs = [zero[n] for n in op.inputs if not graph.tensor(n).is_constant]
         z = np.zeros(size, dtype=bool)
         if op.type in (OpType.CONV, OpType.LINEAR):
             z = _weighted_zero(graph, op, xs[0])

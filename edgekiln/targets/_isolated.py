@@ -12,6 +12,7 @@ import pickle
 import sys
 import traceback
 from pathlib import Path
+from typing import Any
 
 
 def main(workdir: str) -> int:
@@ -19,10 +20,10 @@ def main(workdir: str) -> int:
     with open(work / "call.pkl", "rb") as f:
         module, qualname, args = pickle.load(f)  # written by our own parent
     try:
-        func = importlib.import_module(module)
+        func: Any = importlib.import_module(module)
         for part in qualname.split("."):
             func = getattr(func, part)
-        result = ("ok", func(*args))
+        result: tuple[str, Any] = ("ok", func(*args))
     except BaseException as e:  # everything goes back to the parent
         tb = traceback.format_exc(limit=5)
         result = ("error", f"{type(e).__name__}: {e}\n{tb}")
