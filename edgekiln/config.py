@@ -14,6 +14,7 @@ The tables and their defaults (the built-in default run is this file with nothin
     [train]
     float_epochs = 2                       # float training before QAT; 0 = use the model as given
     qat_epochs = 1                         # quantization-aware fine-tuning
+    prune_epochs = 1                       # pruning before QAT ([sparsity] mode = "prune_then_qat")
     batch_size = 64
     lr = 0.002                             # Adam, float phase
     qat_lr = 0.0005                        # Adam, QAT phase
@@ -179,6 +180,7 @@ class TrainSection:
 
     float_epochs: int = 2
     qat_epochs: int = 1
+    prune_epochs: int = 1
     batch_size: int = 64
     lr: float = 2e-3
     qat_lr: float = 5e-4
@@ -192,6 +194,7 @@ class TrainSection:
         return cls(
             float_epochs=_int("[train] float_epochs", table.get("float_epochs", d.float_epochs), 0),
             qat_epochs=_int("[train] qat_epochs", table.get("qat_epochs", d.qat_epochs), 0),
+            prune_epochs=_int("[train] prune_epochs", table.get("prune_epochs", d.prune_epochs), 0),
             batch_size=_int("[train] batch_size", table.get("batch_size", d.batch_size), 1),
             lr=_float("[train] lr", table.get("lr", d.lr), 0, 10),
             qat_lr=_float("[train] qat_lr", table.get("qat_lr", d.qat_lr), 0, 10),

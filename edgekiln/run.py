@@ -149,6 +149,7 @@ class _Run:
         float_model = self._float_stage(data)
         prepared = self._qat_stage(data, float_model)
         graph, fake_quant = self._capture_stage(data, prepared)
+        self._sparsity_stage(data, float_model, graph)
         artifacts = self._export_stage(graph)
         targets, pairs = self._validate_stage(data, graph, fake_quant, artifacts)
         return self._report_stage(data, prepared, graph, artifacts, targets, pairs)
@@ -217,38 +218,62 @@ class _Run:
 
     def _qat_stage(self, data: Any, float_model: nn.Module) -> nn.Module:
         from edgekiln.pipeline.prepare import prepare
-        from edgekiln.pipeline.train import TrainConfig, calibrate, fit, predict
+        from edgekiln.pipeline.train import predict
 
-        train = self.config.train
-        example = torch.from_numpy(
-            np.ascontiguousarray(data.x_train[:2] if len(data.x_train) else data.x_test[:2])
-        )
         if "float_accuracy" not in self.state.facts:
             self.state.facts["float_accuracy"] = self._accuracy(
                 predict(float_model, data.x_test), data
             )
-        prepared = prepare(float_model, example, self.config.recipe())
+        prepared = prepare(float_model, self._example(data), self.config.recipe())
         ckpt = self.dir / "checkpoints" / "qat.pt"
         if "qat" in self.state.completed:
             prepared.load_state_dict(_load_checkpoint(ckpt)["model"])
             return prepared.eval()
+        self._finetune(prepared, data, ckpt, "qat")
+        self._complete("qat")
+        return prepared.eval()
+
+    def _finetune(self, prepared: nn.Module, data: Any, ckpt: Path | None, stage: str) -> None:
+        """QAT (after a pruning phase in prune_then_qat mode), or calibration with no epochs.
+
+        With ``ckpt`` every epoch is checkpointed and a resumed run starts after the last one.
+        """
+        from edgekiln.pipeline.constraints import start_qat
+        from edgekiln.pipeline.train import TrainConfig, calibrate, fit
+
+        train = self.config.train
         optimizer = torch.optim.Adam(prepared.parameters(), lr=train.qat_lr)
-        first = self._restore(ckpt, prepared, optimizer, "qat")
-        losses = list(self.state.facts.get("qat_loss", []))
-        if train.qat_epochs > first:
+        first = self._restore(ckpt, prepared, optimizer, stage) if ckpt else 0
+        prune_epochs = train.prune_epochs if self._prune_then_qat() else 0
+        epochs = prune_epochs + train.qat_epochs
+        if epochs == 0:
+            self.progress.start("calibration", None)
+            calibrate(prepared, data.x_train if len(data.x_train) else data.x_test)
+            self.progress.finish()
+            if ckpt:
+                self._checkpoint(ckpt, prepared, optimizer, stage, 0)
+            return
+        losses = list(self.state.facts.get(f"{stage}_loss", []))
+
+        def saved(epoch: int, loss: float) -> None:
+            if prune_epochs and epoch + 1 == prune_epochs:
+                start_qat(prepared)  # masks freeze, fake-quantization starts
+            losses.append(loss)
+            if ckpt:  # a checkpointed phase: its losses go into the report
+                self.state.facts[f"{stage}_loss"] = losses
+                self._checkpoint(ckpt, prepared, optimizer, stage, epoch + 1)
+
+        if prune_epochs and first >= prune_epochs:
+            start_qat(prepared)  # resumed in the QAT phase (idempotent)
+        if epochs > first:
+            label = "prune, then QAT" if prune_epochs else "QAT fine-tuning"
             steps = _steps(len(data.x_train), train.batch_size)
-            self.progress.start("QAT fine-tuning", (train.qat_epochs - first) * steps)
-
-            def saved(epoch: int, loss: float) -> None:
-                losses.append(loss)
-                self.state.facts["qat_loss"] = losses
-                self._checkpoint(ckpt, prepared, optimizer, "qat", epoch + 1)
-
+            self.progress.start(label if stage == "qat" else stage, (epochs - first) * steps)
             fit(
                 prepared,
                 data.x_train,
                 data.y_train,
-                TrainConfig(train.qat_epochs, train.batch_size, train.qat_lr, train.seed + 1),
+                TrainConfig(epochs, train.batch_size, train.qat_lr, train.seed + 1),
                 loss=self._loss(),
                 optimizer=optimizer,
                 first_epoch=first,
@@ -256,13 +281,13 @@ class _Run:
                 on_epoch_end=saved,
             )
             self.progress.finish()
-        else:
-            self.progress.start("calibration", None)
-            calibrate(prepared, data.x_train if len(data.x_train) else data.x_test)
-            self.progress.finish()
-            self._checkpoint(ckpt, prepared, optimizer, "qat", 0)
-        self._complete("qat")
-        return prepared.eval()
+
+    def _prune_then_qat(self) -> bool:
+        return str(getattr(self.config.recipe().sparsity_mode, "value", "")) == "prune_then_qat"
+
+    def _example(self, data: Any) -> torch.Tensor:
+        x = data.x_train[:2] if len(data.x_train) else data.x_test[:2]
+        return torch.from_numpy(np.ascontiguousarray(x))
 
     def _capture_stage(self, data: Any, prepared: nn.Module) -> tuple[Any, np.ndarray]:
         from edgekiln.pipeline.capture import capture
@@ -280,6 +305,54 @@ class _Run:
         self.progress.finish()
         self._complete("capture")
         return graph, fake_quant
+
+    def _sparsity_stage(self, data: Any, float_model: nn.Module, graph: Any) -> None:
+        """What sparsity buys: the unpruned model against this one, and the recipe's sweep."""
+        from edgekiln.pipeline.capture import capture
+        from edgekiln.pipeline.prepare import prepare
+        from edgekiln.pipeline.train import predict
+        from edgekiln.sparsity_stats import compare_sparsity, sweep_point
+
+        recipe = self.config.recipe()
+        board, kernels = self._stats_board(), self.config.targets.kernels
+        facts = self.state.facts
+        if _has_sparsity(recipe) and "sparsity_before_after" not in facts:
+            self.progress.start("sparsity: dense baseline", None)
+            dense = self._calibrated_graph(data, float_model, _without_sparsity(recipe))
+            facts["sparsity_before_after"] = compare_sparsity(dense, graph, board, kernels=kernels)
+            _save_state(self.dir, self.state)
+            self.progress.finish()
+        points = facts.setdefault("sweep", [])
+        for level in recipe.sparsity_sweep:
+            if any(p["sparsity"] == level for p in points):
+                continue  # measured before an interruption
+            prepared = prepare(float_model, self._example(data), recipe.at_sparsity(level))
+            self._finetune(prepared, data, None, f"sweep {100 * level:.0f}%")
+            accuracy = self._accuracy(predict(prepared, data.x_test), data)
+            points.append(
+                sweep_point(level, capture(prepared.eval()), accuracy, board, kernels=kernels)
+            )
+            _save_state(self.dir, self.state)
+
+    def _calibrated_graph(self, data: Any, float_model: nn.Module, recipe: Any) -> Any:
+        from edgekiln.pipeline.capture import capture
+        from edgekiln.pipeline.prepare import prepare
+        from edgekiln.pipeline.train import calibrate
+
+        prepared = prepare(float_model, self._example(data), recipe)
+        calibrate(prepared, (data.x_train if len(data.x_train) else data.x_test)[:512])
+        return capture(prepared.eval())
+
+    def _stats_board(self) -> Any:
+        """The board of the size and latency comparisons: the first mcu target's."""
+        from edgekiln.sparsity_stats import DEFAULT_BOARD
+        from edgekiln.targets.mcu.boards import Board
+
+        name = next((n[4:] for n in self.config.targets.names if n.startswith("mcu:")), None)
+        custom = {b["name"]: b for b in self.config.targets.boards}
+        if name in custom:
+            return Board.from_dict(custom[name])
+        return name or DEFAULT_BOARD
 
     def _export_stage(self, graph: Any) -> dict[str, Path]:
         from edgekiln.api import export
@@ -390,6 +463,7 @@ class _Run:
             },
             "sparsity": {
                 "total": sparsity["sparsity"],
+                "before_after": self.state.facts.get("sparsity_before_after"),
                 "layers": [
                     {
                         "name": row["path"],
@@ -399,6 +473,7 @@ class _Run:
                 ],
             },
             "quantization": {"layers": quantization_error(prepared, data.x_test[:256])},
+            "sweep": self.state.facts.get("sweep", []),
             "artifacts": [artifact_entry(p, self.dir) for p in files if p.exists()],
             "targets": targets,
             "pairwise": pairs,
@@ -444,6 +519,18 @@ class _Run:
         if stage not in self.state.completed:
             self.state.completed.append(stage)
         _save_state(self.dir, self.state)
+
+
+def _has_sparsity(recipe: Any) -> bool:
+    return not (isinstance(recipe.sparsity, int | float) and recipe.sparsity == 0)
+
+
+def _without_sparsity(recipe: Any) -> Any:
+    import dataclasses
+
+    return dataclasses.replace(
+        recipe, sparsity=0.0, pattern="unstructured", sparsity_mode="joint", sparsity_sweep=()
+    )
 
 
 def build_model(source: str, kwargs: dict[str, Any] | None = None) -> nn.Module:

@@ -148,3 +148,31 @@ def test_resume_of_a_directory_that_is_not_a_run(tmp_path):
 
     with pytest.raises(RunError, match="has no state.json: it is not an edgekiln run directory"):
         load_run_config_for_resume(tmp_path)
+
+
+def test_channel_pruning_sweep_and_prune_then_qat_reach_the_report(tmp_path):
+    doc = {
+        "model": {"kwargs": {"input_size": 8}},
+        "data": {"source": "digits"},
+        "train": {"float_epochs": 2, "prune_epochs": 1, "qat_epochs": 1, "lr": 0.005},
+        "sparsity": {
+            "target": 0.5,
+            "pattern": "channel",
+            "mode": "prune_then_qat",
+            "sweep": [0.25, 0.75],
+        },
+        "export": {"formats": ["tflite"]},
+        "targets": {"names": ["mcu:nrf52840"]},
+    }
+    out = tmp_path / "sweep"
+    report = run(parse_config(doc, REPO), prepare_run_dir(out))
+    before_after = report["sparsity"]["before_after"]
+    # whole filters removed at capture: the artifact shrinks and does fewer MACs
+    assert before_after["sparse"]["tflite_bytes"] < before_after["dense"]["tflite_bytes"]
+    assert before_after["sparse"]["macs"] < before_after["dense"]["macs"]
+    assert before_after["sparse"]["estimated_ms"] < before_after["dense"]["estimated_ms"]
+    assert [p["sparsity"] for p in report["sweep"]] == [0.25, 0.75]
+    assert report["sweep"][1]["macs"] < report["sweep"][0]["macs"]
+    page = (out / "report.html").read_text()
+    assert "What sparsity buys" in page and "Sparsity sweep" in page
+    assert report["targets"][0]["ok"]

@@ -28,6 +28,7 @@ from typing import Any
 
 from edgekiln.ir import atomic_write
 from edgekiln.report.schema import SCHEMA_DOC, ReportError, _problems_message, validate_report
+from edgekiln.report.sparsity_html import sparsity_sections
 from edgekiln.report.svg import PALETTE, RefLine, hbar_chart, line_chart, vbar_chart
 
 __all__ = ["render_html", "write_html"]
@@ -525,6 +526,7 @@ def render_html(report: Mapping[str, Any]) -> str:
         _accuracy_chart(report),
         _loss_chart(report),
         _sparsity_chart(report),
+        sparsity_sections(report),
         _quant_chart(report),
         _memory_chart(report),
         _lsb_histograms(report),
