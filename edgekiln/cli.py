@@ -263,7 +263,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         on_done=lambda r: bars.advance(1, r.target),
     )
     bars.finish()
-    report = {
+    report: dict[str, Any] = {
         "schema_version": 1,
         "edgekiln_version": _version(),
         "kind": "validate",
@@ -293,7 +293,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     if args.save_outputs:
         from edgekiln.ir import atomic_write
 
-        arrays = {r.target: r.outputs for r in results if r.outputs is not None}
+        arrays: dict[str, Any] = {r.target: r.outputs for r in results if r.outputs is not None}
         atomic_write(args.save_outputs, lambda f: np.savez(f, **arrays))
     print(summary(report))
     for row in report["pairwise"]:
