@@ -40,6 +40,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -281,17 +282,35 @@ class _Writer:
         self.tensors.append(tensor)
         return len(self.tensors) - 1
 
-    def weights(self, name: str, data_fn: Any, quantized_dimension: int) -> int:
-        """Weights of graph constant ``name`` after the layout change ``data_fn``."""
+    def quantized_constant(self, name: str, op: Op) -> tuple[np.ndarray, QParams]:
+        """Data and scales of the weight or bias ``name`` that ``op`` reads."""
         t = self.graph.tensor(name)
-        if self.float_model:
-            real = t.quant.dequantize(t.data)
-            return self.constant(name, data_fn(real).astype(np.float32))
-        return self.constant(name, data_fn(t.data), t.quant.scale, quantized_dimension)
+        if t.data is None or t.quant is None:
+            held = "an activation" if t.data is None else "a constant without scales"
+            raise TfliteExportError(
+                f"{_where(op)}: TFLite needs weight/bias {name!r} as a quantized constant "
+                f"(int8 weight or int32 bias with scales), but the graph holds {held}; "
+                "capture the model again so every weight and bias is quantized"
+            )
+        return t.data, t.quant
 
-    def bias(self, name: str, select: slice | None = None, suffix: str = "") -> int:
-        t = self.graph.tensor(name)
-        data, scale = t.data, t.quant.scale  # (C_out,) int32, (C_out,) float32
+    def weights(
+        self,
+        name: str,
+        op: Op,
+        data_fn: Callable[[np.ndarray], np.ndarray],
+        quantized_dimension: int,
+    ) -> int:
+        """Weights of constant ``name`` (read by ``op``) after the layout change ``data_fn``."""
+        data, quant = self.quantized_constant(name, op)
+        if self.float_model:
+            real = quant.dequantize(data)
+            return self.constant(name, data_fn(real).astype(np.float32))
+        return self.constant(name, data_fn(data), quant.scale, quantized_dimension)
+
+    def bias(self, name: str, op: Op, select: slice | None = None, suffix: str = "") -> int:
+        data, quant = self.quantized_constant(name, op)  # (C_out,) int32
+        scale = quant.scale  # (C_out,) float32
         if select is not None:
             data, scale = data[select], scale[select]
         if self.float_model:
@@ -356,8 +375,9 @@ def _emit_conv(w: _Writer, op: Op) -> None:
     dilation = _spatial_2d(tuple(a["dilation"]), 1)
     pads = _spatial_2d(tuple(a["padding"]), (0, 0))
 
+    mode = _mode(in_hw, k_hw, stride, dilation, pads)
     src = _pad_if_needed(w, op, x_name, in_hw, k_hw, stride, dilation, pads)
-    padding = "VALID" if src != w.activation(x_name) else _mode(in_hw, k_hw, stride, dilation, pads)
+    padding = "VALID" if mode is None else mode  # None: an explicit PAD went in front
     out = w.activation(op.outputs[0])
 
     def to_4d(arr: np.ndarray) -> np.ndarray:  # (O, I, *k) -> (O, I, kh, kw)
@@ -372,13 +392,13 @@ def _emit_conv(w: _Writer, op: Op) -> None:
         "FusedActivationFunction": _ACTIVATIONS[a["activation"]],
     }
     if groups == 1 or (groups < c_in and not w.lower_grouped_conv):
-        wt = w.weights(w_name, lambda d: to_4d(d).transpose(0, 2, 3, 1), 0)
-        w.op("CONV_2D", [src, wt, w.bias(b_name)], [out], "Conv2DOptions", **common)
+        wt = w.weights(w_name, op, lambda d: to_4d(d).transpose(0, 2, 3, 1), 0)
+        w.op("CONV_2D", [src, wt, w.bias(b_name, op)], [out], "Conv2DOptions", **common)
     elif groups == c_in:
-        wt = w.weights(w_name, lambda d: to_4d(d).transpose(1, 2, 3, 0), 3)
+        wt = w.weights(w_name, op, lambda d: to_4d(d).transpose(1, 2, 3, 0), 3)
         w.op(
             "DEPTHWISE_CONV_2D",
-            [src, wt, w.bias(b_name)],
+            [src, wt, w.bias(b_name, op)],
             [out],
             "DepthwiseConv2DOptions",
             DepthMultiplier=c_out // c_in,
@@ -393,7 +413,7 @@ def _emit_grouped_conv(
 ) -> None:
     """SPLIT on channels, one CONV_2D per group, CONCATENATION: exact (one output qparams)."""
     _, w_name, b_name = op.inputs
-    weight = w.graph.tensor(w_name)
+    weight, weight_quant = w.quantized_constant(w_name, op)
     out_t = w.graph.tensor(op.outputs[0])
     per_group = weight.shape[0] // groups
     src_shape = w.tensors[src].shape
@@ -407,13 +427,13 @@ def _emit_grouped_conv(
     results = []
     for i, part in enumerate(parts):
         sel = slice(i * per_group, (i + 1) * per_group)
-        data = to_4d(weight.data[sel]).transpose(0, 2, 3, 1)
+        data = to_4d(weight[sel]).transpose(0, 2, 3, 1)
         if w.float_model:
-            real = to_4d(weight.quant.dequantize(weight.data)[sel]).transpose(0, 2, 3, 1)
+            real = to_4d(weight_quant.dequantize(weight)[sel]).transpose(0, 2, 3, 1)
             wt = w.constant(f"{w_name}/group{i}", real.astype(np.float32))
         else:
-            wt = w.constant(f"{w_name}/group{i}", data, weight.quant.scale[sel], 0)
-        bt = w.bias(b_name, sel, f"/group{i}")
+            wt = w.constant(f"{w_name}/group{i}", data, weight_quant.scale[sel], 0)
+        bt = w.bias(b_name, op, sel, f"/group{i}")
         res = w.new_activation(f"{base}/group{i}", (*out_shape[:3], per_group), out_t.quant)
         w.op("CONV_2D", [part, wt, bt], [res], "Conv2DOptions", **common)
         results.append(res)
@@ -469,10 +489,10 @@ def _emit_linear(w: _Writer, op: Op) -> None:
             .reshape(d.shape[0], -1)
         )
 
-    wt = w.weights(w_name, reorder, 0)
+    wt = w.weights(w_name, op, reorder, 0)
     w.op(
         "FULLY_CONNECTED",
-        [w.activation(x_name), wt, w.bias(b_name)],
+        [w.activation(x_name), wt, w.bias(b_name, op)],
         [w.activation(op.outputs[0])],
         "FullyConnectedOptions",
         FusedActivationFunction=_ACTIVATIONS[op.attrs["activation"]],
@@ -623,7 +643,7 @@ def _emit_pad(w: _Writer, op: Op) -> None:
     x = w.graph.tensor(op.inputs[0])
     rank = len(x.shape)
     tfl_rank = len(_nhwc_shape(x.shape))
-    paddings = [(0, 0)] * tfl_rank
+    paddings: list[tuple[int, ...]] = [(0, 0)] * tfl_rank
     for axis, pad in enumerate(op.attrs["padding"]):
         paddings[_nhwc_axis(axis, rank)] = tuple(int(p) for p in pad)
     pads = w.int32_constant(f"{op.outputs[0]}/paddings", paddings)
@@ -666,7 +686,7 @@ def _serialize(
 
     # Buffers: 0 is the empty sentinel; each constant owns one, 16-byte aligned.
     buffer_of: dict[int, int] = {}
-    data_vectors = []
+    data_vectors: list[int] = []
     for i, t in enumerate(w.tensors):
         if t.data is not None:
             buffer_of[i] = len(data_vectors) + 1
@@ -745,6 +765,8 @@ def _tensor(b: flatbuffers.Builder, t: _Tensor, buffer: int) -> int:
     shape = b.CreateNumpyVector(np.asarray(t.shape, np.int32))
     quant = None
     if t.scale is not None:
+        if t.zero_point is None:  # constant() and new_activation() always set both
+            raise TfliteExportError(f"TFLite tensor {t.name!r} has scales but no zero points")
         scale = b.CreateNumpyVector(t.scale.astype(np.float32))
         zero_point = b.CreateNumpyVector(t.zero_point.astype(np.int64))
         tflite.QuantizationParametersStart(b)
