@@ -1,6 +1,6 @@
 """The long differential run of issue 8: N generated models through every stage and runtime.
 
-    .venv/bin/python scripts/differential.py --models 300 [--seed 1] [--json out.json]
+    .venv/bin/python scripts/differential.py --models 300 [--seed 1] [--minutes 30] [--json F]
 
 Draws N models from tests/property/strategies.py (hypothesis, seeded), runs each through
 tests/property/harness.py's ``check_spec`` and prints, per property, how many models and
@@ -28,9 +28,10 @@ from tests.property.harness import Outcome, check_spec
 from tests.property.strategies import model_specs
 
 
-def run(models: int, seed_value: int, log: bool) -> list[Outcome]:
-    """Check ``models`` generated specs; return their outcomes."""
+def run(models: int, seed_value: int, log: bool, minutes: float | None = None) -> list[Outcome]:
+    """Check ``models`` generated specs (or as many as fit in ``minutes``); return outcomes."""
     outcomes: list[Outcome] = []
+    deadline = None if minutes is None else time.perf_counter() + 60 * minutes
 
     @seed(seed_value)
     @settings(
@@ -41,6 +42,8 @@ def run(models: int, seed_value: int, log: bool) -> list[Outcome]:
     )
     @given(spec=model_specs())
     def one(spec):
+        if deadline is not None and time.perf_counter() > deadline:
+            return  # out of time: the remaining draws are skipped, the summary still prints
         outcome = check_spec(spec)
         outcomes.append(outcome)
         if log:
@@ -96,11 +99,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", type=int, default=300, help="models to generate")
     parser.add_argument("--seed", type=int, default=1, help="hypothesis seed")
+    parser.add_argument("--minutes", type=float, help="stop checking after this long")
     parser.add_argument("--json", type=Path, help="also write the summary here")
     parser.add_argument("--quiet", action="store_true", help="no per-model progress lines")
     args = parser.parse_args()
     started = time.perf_counter()
-    summary = summarize(run(args.models, args.seed, not args.quiet))
+    summary = summarize(run(args.models, args.seed, not args.quiet, args.minutes))
     summary["wall_seconds"] = round(time.perf_counter() - started, 1)
     text = json.dumps(summary, indent=2)
     print(text)
