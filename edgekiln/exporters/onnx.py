@@ -39,6 +39,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -188,7 +189,7 @@ class _Writer:
 
     def _graph_input(self, name: str) -> onnx.ValueInfoProto:
         tensor = self.g.tensor(name)
-        shape = [BATCH_DIM, *tensor.shape[1:]]
+        shape: list[str | int] = [BATCH_DIM, *tensor.shape[1:]]
         if self.float_model:
             return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
         if self.int8_io:
@@ -198,7 +199,7 @@ class _Writer:
 
     def _graph_output(self, name: str) -> onnx.ValueInfoProto:
         tensor = self.g.tensor(name)
-        shape = [BATCH_DIM, *tensor.shape[1:]]
+        shape: list[str | int] = [BATCH_DIM, *tensor.shape[1:]]
         if self.float_model:
             return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
         if self.int8_io:
@@ -266,7 +267,7 @@ class _Writer:
         scale = self._init(f"{name}_scale", quant.scale.astype(np.float32))  # (C,) float32
         zero_point = self._init(f"{name}_zero_point", quant.zero_point.astype(zp_dtype))  # (C,)
         out = self._dq_name(name, consumer)
-        attrs = {"axis": quant.axis} if quant.is_per_channel else {}
+        attrs: dict[str, Any] = {"axis": quant.axis} if quant.is_per_channel else {}
         self.nodes.append(
             helper.make_node(
                 "DequantizeLinear",
@@ -340,7 +341,7 @@ class _Writer:
             self.inits[name] = numpy_helper.from_array(value, name)
         return name
 
-    def _add(self, op_type: str, inputs: list[str], out: str, name: str, **attrs: object) -> None:
+    def _add(self, op_type: str, inputs: list[str], out: str, name: str, **attrs: Any) -> None:
         self.nodes.append(helper.make_node(op_type, inputs, [out], name=name, **attrs))
 
 
