@@ -48,6 +48,7 @@ __all__ = [
     "replica_digest",
     "shard",
     "shutdown",
+    "sync_from_main",
     "wrap",
 ]
 
@@ -91,8 +92,17 @@ class DistContext:
 
     @property
     def is_distributed(self) -> bool:
-        """True when a process group joins ``world_size > 1`` processes."""
-        return self.backend is not None and self.world_size > 1
+        """True while a process group joins ``world_size > 1`` processes (not after shutdown).
+
+        So after :func:`shutdown`, rank 0 goes on alone and every helper here is a no-op.
+        """
+        dist = torch.distributed
+        return (
+            self.backend is not None
+            and self.world_size > 1
+            and dist.is_available()
+            and dist.is_initialized()
+        )
 
     @property
     def device(self) -> torch.device:
@@ -271,6 +281,21 @@ def wrap(
     )
     mark_projected(model)  # DDP's in-place copy of projected weights is not a training step
     return wrapped
+
+
+def sync_from_main(model: nn.Module, ctx: DistContext) -> None:
+    """Copy rank 0's parameters and buffers into ``model`` on every rank (in place).
+
+    After float training with BatchNorm: each rank's last forward updated its running
+    statistics from its own shard, so the replicas differ there until this copy. Call it on
+    every rank before ``prepare`` folds the statistics into the kernels.
+    """
+    if not ctx.is_distributed:
+        return
+    model = getattr(model, "module", model)
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            torch.distributed.broadcast(tensor.data, src=0)
 
 
 def _accepts(cls: type, name: str) -> bool:

@@ -214,3 +214,51 @@ def test_replica_digest_sees_one_changed_mask_entry() -> None:
     layer.parametrizations.weight[0].mask[0, 0] = 1 - layer.parametrizations.weight[0].mask[0, 0]
     after = replica_digest(layer)
     assert [k for k in before if before[k] != after[k]] == ["parametrizations.weight.0.mask"]
+
+
+# ---- the real command ------------------------------------------------------------------------
+
+TINY_RECIPE = """
+[model]
+kwargs = { input_size = 8, width = 8 }
+[data]
+source = "digits"
+limit = 256
+[train]
+float_epochs = 1
+qat_epochs = 1
+batch_size = 32
+[targets]
+names = ["mcu:nrf52840"]
+latency_runs = 1
+"""
+
+
+def _run_accepts_a_context() -> bool:
+    import inspect
+
+    from edgekiln.run import run
+
+    return "ctx" in inspect.signature(run).parameters
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not _run_accepts_a_context(), reason="edgekiln.run does not take a DistContext yet"
+)
+def test_torchrun_edgekiln_run_writes_one_complete_run_directory(tmp_path: Path) -> None:
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text(TINY_RECIPE)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc-per-node=2", "-m", "edgekiln", "run", str(recipe), "--quiet"]
+    done = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    # no --out: rank 0 chose a timestamped directory and the other rank used the same one
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert (run_dir / "manifest.json").is_file() and (run_dir / "report.json").is_file()
+    assert done.stdout.count("float accuracy") == 1  # rank 0 alone prints the summary
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state["completed"][:2] == ["float", "qat"]
