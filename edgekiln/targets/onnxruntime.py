@@ -75,6 +75,7 @@ GRAPH_OPTIMIZATION_LEVEL = "ORT_ENABLE_ALL"
 
 _FLOAT, _UINT8, _INT8 = 1, 2, 3  # onnx.TensorProto element types
 _NUMPY = {_FLOAT: np.float32, _UINT8: np.uint8, _INT8: np.int8}
+_INTEGER_INFO = {_UINT8: np.iinfo(np.uint8), _INT8: np.iinfo(np.int8)}
 
 
 @dataclass(frozen=True)
@@ -310,7 +311,7 @@ def _prepare_input(x: np.ndarray, inp: _Boundary) -> np.ndarray:
     if want is np.float32:
         if not integer_data:
             return x.astype(np.float32)
-        if inp.scale is None:
+        if inp.scale is None or inp.zero_point is None:  # boundary() sets both or neither
             raise ValueError(
                 f"x is {x.dtype} but model input {inp.name!r} is float with no QuantizeLinear "
                 "to read its scale from; pass float data"
@@ -323,12 +324,12 @@ def _prepare_input(x: np.ndarray, inp: _Boundary) -> np.ndarray:
                 "pass float data to let run_onnxruntime quantize it"
             )
         return x
-    if inp.scale is None:
+    if inp.scale is None or inp.zero_point is None:
         raise ValueError(
             f"model input {inp.name!r} is {np.dtype(want).name} but no DequantizeLinear reads "
             "it, so its scale is unknown; pass integer data"
         )
-    info = np.iinfo(want)
+    info = _INTEGER_INFO[inp.elem_type]  # want is int8 or uint8 here
     q = np.round(x.astype(np.float32) / np.float32(inp.scale)) + inp.zero_point
     return np.clip(q, info.min, info.max).astype(want)
 
