@@ -17,8 +17,11 @@ What keeps the ranks one model:
 Only rank 0 writes files (:func:`on_main` runs a step there and hands its result, or its error,
 to every rank). Capture, export and validation run on rank 0 alone, after :func:`shutdown`.
 
-Backends: ``gloo`` on CPU. ``nccl`` is chosen when CUDA is available (each rank on
-``cuda:LOCAL_RANK``); that path is written but was not exercised on this machine (no GPU).
+Backends: ``gloo``, on CPU, is the default even where CUDA exists: ``edgekiln run`` trains,
+prepares and captures on the CPU, and ``nccl`` reduces CUDA tensors only (observers all-reduce
+during ``prepare``, on the CPU). ``init_distributed("nccl")`` puts each rank on
+``cuda:LOCAL_RANK`` for a loop of your own that keeps the model and data there; that path was
+not exercised here (no GPU). The default becomes ``nccl`` on GPUs when the run moves models there.
 """
 
 from __future__ import annotations
@@ -122,7 +125,7 @@ def init_distributed(
 
     Reads ``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK`` (and lets PyTorch read ``MASTER_ADDR`` and
     ``MASTER_PORT``). Without ``WORLD_SIZE``, or with ``WORLD_SIZE=1``, nothing is initialized.
-    ``backend`` None picks ``nccl`` when CUDA is available, else ``gloo``. Called twice, it
+    ``backend`` None means ``gloo`` (see the module docstring for nccl). Called twice, it
     returns the context of the group already joined.
 
     >>> init_distributed(env={})
@@ -162,7 +165,7 @@ def init_distributed(
             f"WORLD_SIZE={world_size} but this PyTorch build has no torch.distributed; install "
             "a build with it or run a single process"
         )
-    chosen = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    chosen = backend or "gloo"
     if chosen not in BACKENDS:
         raise DistributedError(f"backend={chosen!r} is not one of {BACKENDS}; use gloo on CPU")
     if chosen == "nccl":
