@@ -110,7 +110,7 @@ def _read_manifest(path: Path) -> dict[str, dict[str, Any]]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ReportError(f"{where} is not valid JSON: {e}") from e
     files = obj.get("files") if isinstance(obj, dict) else None
-    ok = (
+    if not (
         isinstance(obj, dict)
         and obj.get("manifest_version") == MANIFEST_VERSION
         and isinstance(files, list)
@@ -121,8 +121,7 @@ def _read_manifest(path: Path) -> dict[str, dict[str, Any]]:
             and isinstance(e.get("sha256"), str)
             for e in files
         )
-    )
-    if not ok:
+    ):
         raise ReportError(
             f"{where} is not an edgekiln manifest version {MANIFEST_VERSION} (expected "
             '{"manifest_version": 1, "algorithm": "sha256", "files": [{"path", "bytes", '
