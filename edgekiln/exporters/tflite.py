@@ -318,7 +318,14 @@ class _Writer:
             return self.constant(name + suffix, real)
         return self.constant(name + suffix, data.astype(np.int32), scale, 0)
 
-    def op(self, opcode: str, inputs: list[int], outputs: list[int], options_type="NONE", **kw):
+    def op(
+        self,
+        opcode: str,
+        inputs: list[int],
+        outputs: list[int],
+        options_type: str = "NONE",
+        **kw: Any,
+    ) -> None:
         self.ops.append(_Operator(opcode, inputs, outputs, options_type, kw))
 
     # -- graph --
@@ -447,7 +454,13 @@ def _emit_grouped_conv(
     )
 
 
-def _mode(in_hw, k_hw, stride, dilation, pads) -> str | None:
+def _mode(
+    in_hw: tuple[int, ...],
+    k_hw: tuple[int, ...],
+    stride: tuple[int, ...],
+    dilation: tuple[int, ...],
+    pads: tuple[tuple[int, int], ...],
+) -> str | None:
     modes = {"SAME", "VALID"}
     for args in zip(in_hw, k_hw, stride, dilation, pads, strict=True):
         modes &= _padding_modes(*args)
@@ -456,7 +469,16 @@ def _mode(in_hw, k_hw, stride, dilation, pads) -> str | None:
     return "VALID" if "VALID" in modes else "SAME"
 
 
-def _pad_if_needed(w: _Writer, op: Op, x_name: str, in_hw, k_hw, stride, dilation, pads) -> int:
+def _pad_if_needed(
+    w: _Writer,
+    op: Op,
+    x_name: str,
+    in_hw: tuple[int, ...],
+    k_hw: tuple[int, ...],
+    stride: tuple[int, ...],
+    dilation: tuple[int, ...],
+    pads: tuple[tuple[int, int], ...],
+) -> int:
     """The conv's input tensor: ``x`` itself, or an explicit PAD of it when SAME/VALID differ."""
     src = w.activation(x_name)
     if _mode(in_hw, k_hw, stride, dilation, pads) is not None:

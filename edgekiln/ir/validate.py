@@ -10,6 +10,7 @@ from edgekiln.ir.graph import (
     DType,
     Graph,
     GraphError,
+    Op,
     OpType,
 )
 
@@ -82,7 +83,7 @@ def _check_ops(graph: Graph) -> None:
             raise GraphError(f"graph output {name!r} is never written")
 
 
-def _check_shared_qparams(graph: Graph, op, where: str) -> None:
+def _check_shared_qparams(graph: Graph, op: Op, where: str) -> None:
     out = graph.tensor(op.outputs[0]).quant
     for name in op.inputs:
         q = graph.tensor(name).quant
