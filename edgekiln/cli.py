@@ -147,21 +147,32 @@ class _Bars:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from edgekiln.config import load_config
+    from edgekiln.distributed import init_distributed, on_main, shutdown
     from edgekiln.run import load_run_config_for_resume, prepare_run_dir, run
 
-    if args.resume is not None:
-        if args.recipe is not None or args.out is not None:
-            raise ValueError(
-                "--resume DIR takes the recipe and directory of that run; drop the recipe and --out"
-            )
-        config = load_run_config_for_resume(args.resume)
-        run_dir = args.resume
-    else:
-        config = load_config(args.recipe)
-        run_dir = prepare_run_dir(args.out, force=args.force)
-    bars = _Bars(enabled=not args.quiet)
-    print(f"edgekiln run: {config.source} -> {run_dir}", file=sys.stderr)
-    report = run(config, run_dir, resume=args.resume is not None, progress=bars)
+    if args.resume is not None and (args.recipe is not None or args.out is not None):
+        raise ValueError(
+            "--resume DIR takes the recipe and directory of that run; drop the recipe and --out"
+        )
+    ctx = init_distributed()  # under torchrun: this rank; else a single process
+    if not ctx.is_main:
+        logging.getLogger().setLevel(logging.ERROR)  # rank 0 speaks for the run
+    try:
+        if args.resume is not None:
+            config = load_run_config_for_resume(args.resume)
+            run_dir = args.resume
+        else:
+            config = load_config(args.recipe)
+            run_dir = on_main(lambda: prepare_run_dir(args.out, force=args.force), ctx)
+        bars = _Bars(enabled=not args.quiet and ctx.is_main)
+        if ctx.is_main:
+            ranks = f" ({ctx.world_size} ranks)" if ctx.is_distributed else ""
+            print(f"edgekiln run: {config.source} -> {run_dir}{ranks}", file=sys.stderr)
+        report = run(config, run_dir, resume=args.resume is not None, progress=bars, ctx=ctx)
+    finally:
+        shutdown(ctx)
+    if not ctx.is_main:
+        return EXIT_OK
     print(summary(report))
     print(f"\nreport: {run_dir / 'report.html'}\n        {run_dir / 'report.json'}")
     return EXIT_OK
@@ -338,29 +349,24 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_targets(args: argparse.Namespace) -> int:
-    from edgekiln.targets.mcu.boards import BOARDS
+    from edgekiln.targets.catalog import list_targets
 
-    runtimes = [
-        ("onnxruntime", "ONNX Runtime on this CPU, exact int8 x int8 kernels (.onnx)"),
-        ("litert", "LiteRT (TFLite) on this CPU, XNNPACK (.tflite)"),
-        ("tflm", "TensorFlow Lite Micro's kernels on the host; measures the arena (.tflite)"),
-    ]
+    targets = list_targets()
     if args.json:
-        doc = {
-            "runtimes": [{"name": n, "description": d} for n, d in runtimes],
-            "boards": [dict(vars(b), target=f"mcu:{k}") for k, b in sorted(BOARDS.items())],
-        }
-        print(json.dumps(doc, indent=2, default=str))
+        print(json.dumps([t.as_dict() for t in targets], indent=2))
         return EXIT_OK
-    for name, desc in runtimes:
-        print(f"{name:<22} {desc}")
+    for t in targets:
+        if t.kind == "runtime":
+            print(f"{t.name:<22} {t.description}")
     print("\nsimulated microcontrollers (edgekiln's bit-exact integer simulator):")
     print(f"{'target':<22} {'core':<16} {'clock':>9} {'SRAM':>10} {'flash':>10}  source")
-    for key, b in sorted(BOARDS.items()):
-        print(
-            f"{'mcu:' + key:<22} {b.core:<16} {b.clock_hz / 1e6:>6.0f} MHz "
-            f"{b.sram_bytes // 1024:>6} KiB {b.flash_bytes // 1024:>6} KiB  {b.source}"
-        )
+    for t in targets:
+        if t.kind == "mcu":
+            print(
+                f"{t.name:<22} {t.core:<16} {(t.clock_hz or 0) / 1e6:>6.0f} MHz "
+                f"{(t.sram_bytes or 0) // 1024:>6} KiB {(t.flash_bytes or 0) // 1024:>6} KiB  "
+                f"{t.source}"
+            )
     return EXIT_OK
 
 

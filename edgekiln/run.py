@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from edgekiln.config import ConfigError, RunConfig, parse_config
+from edgekiln.distributed import DistContext, check_replicas, shutdown, sync_from_main, wrap
 from edgekiln.ir import atomic_write, load_graph, save_graph
 
 logger = logging.getLogger(__name__)
@@ -110,6 +111,7 @@ def run(
     *,
     resume: bool = False,
     progress: Progress | None = None,
+    ctx: DistContext | None = None,
 ) -> dict[str, Any]:
     """Run the whole pipeline into ``run_dir`` and return the report (also in report.json).
 
@@ -117,14 +119,16 @@ def run(
     stages are skipped.
     """
     progress = progress or _Silent()
+    ctx = ctx or DistContext()  # torchrun: every rank trains; rank 0 alone writes run_dir
     run_dir = Path(run_dir)
     if resume:
         state = _load_state(run_dir)
         config = parse_config(state.recipe, Path(state.base), config.source)
     else:
         state = _State(recipe=config.raw, base=config.base)
-        _save_state(run_dir, state)
-    return _Run(config, run_dir, state, progress).go()
+        if ctx.is_main:
+            _save_state(run_dir, state)
+    return _Run(config, run_dir, state, progress, ctx).go()
 
 
 def load_run_config_for_resume(run_dir: Path) -> RunConfig:
@@ -134,7 +138,10 @@ def load_run_config_for_resume(run_dir: Path) -> RunConfig:
 
 
 class _Run:
-    def __init__(self, config: RunConfig, run_dir: Path, state: _State, progress: Progress):
+    def __init__(
+        self, config: RunConfig, run_dir: Path, state: _State, progress: Progress, ctx: DistContext
+    ):
+        self.ctx = ctx
         self.config = config
         self.dir = run_dir
         self.state = state
@@ -148,6 +155,11 @@ class _Run:
         data = self._data()
         float_model = self._float_stage(data)
         prepared = self._qat_stage(data, float_model)
+        if self.ctx.is_distributed:
+            check_replicas(prepared, self.ctx)  # scales, zero points, masks, weights: all equal
+            shutdown(self.ctx)  # capture, export, validation, sweeps, report: rank 0 alone
+            if not self.ctx.is_main:
+                return {}
         graph, fake_quant = self._capture_stage(data, prepared)
         self._sparsity_stage(data, float_model, graph)
         artifacts = self._export_stage(graph)
@@ -200,7 +212,7 @@ class _Run:
                 self._checkpoint(ckpt, model, optimizer, "float", epoch + 1)
 
             fit(
-                model,
+                wrap(model, self.ctx),
                 data.x_train,
                 data.y_train,
                 TrainConfig(train.float_epochs, train.batch_size, train.lr, train.seed),
@@ -211,6 +223,7 @@ class _Run:
                 on_epoch_end=saved,
             )
             self.progress.finish()
+            sync_from_main(model, self.ctx)  # BatchNorm statistics are rank-local until here
         elif not ckpt.exists():
             self._checkpoint(ckpt, model, optimizer, "float", 0)
         self._complete("float")
@@ -270,7 +283,7 @@ class _Run:
             steps = _steps(len(data.x_train), train.batch_size)
             self.progress.start(label if stage == "qat" else stage, (epochs - first) * steps)
             fit(
-                prepared,
+                wrap(prepared, self.ctx),
                 data.x_train,
                 data.y_train,
                 TrainConfig(epochs, train.batch_size, train.qat_lr, train.seed + 1),
@@ -510,6 +523,8 @@ class _Run:
     def _checkpoint(
         self, ckpt: Path, model: nn.Module, optimizer: Any, stage: str, epoch: int
     ) -> None:
+        if not self.ctx.is_main:
+            return
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch}
         atomic_write(ckpt, lambda f: torch.save(state, f))
         self.state.epochs[stage] = epoch
@@ -518,7 +533,8 @@ class _Run:
     def _complete(self, stage: str) -> None:
         if stage not in self.state.completed:
             self.state.completed.append(stage)
-        _save_state(self.dir, self.state)
+        if self.ctx.is_main:
+            _save_state(self.dir, self.state)
 
 
 def _has_sparsity(recipe: Any) -> bool:

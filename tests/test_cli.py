@@ -21,7 +21,7 @@ def test_targets_lists_runtimes_and_boards(capsys):
         assert name in out
     assert main(["targets", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert {b["target"] for b in doc["boards"]} >= {"mcu:nucleo-l4r5zi", "mcu:stm32u575"}
+    assert {t["name"] for t in doc if t["kind"] == "mcu"} >= {"mcu:nucleo-l4r5zi", "mcu:stm32u575"}
 
 
 def test_export_from_a_saved_graph(digits_run, tmp_path, capsys):
