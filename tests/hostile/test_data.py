@@ -92,12 +92,6 @@ def test_bad_data_is_refused_by_name_on_every_target(artifacts, monkeypatch, cas
     assert not problems, "\n".join(problems)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="edgekiln/targets/mcu/__init__.py run_mcu checks only the number of labels, not "
-    "their dtype: float labels [0.5, 1.5] give accuracy 0.0 instead of a ValueError (run_litert, "
-    "run_tflm and run_onnxruntime refuse them)",
-)
 def test_mcu_refuses_float_labels(artifacts):
     with pytest.raises(ValueError, match="label|y "):
         run_mcu(artifacts["tflite"], GOOD, np.array([0.5, 1.5]), board="nucleo-l4r5zi")

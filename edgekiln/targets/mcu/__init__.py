@@ -72,6 +72,7 @@ def run_mcu(
 
     model = check_tflite(path)
     xq, layout = _prepare_input(model, x)
+    labels = _check_labels(y, xq.shape[0])
     sim = simulate(model, xq, keep_intermediates=keep_intermediates)
     out_t = model.tensor(model.outputs[0])
     outputs = _to_pytorch_layout(sim.output, layout)
@@ -80,11 +81,8 @@ def run_mcu(
     total_ms = sum(c.ms for c in costs)
     errors = _budget_errors(b, mem, costs)
     accuracy = None
-    if y is not None and outputs.ndim == 2:
-        yy = np.asarray(y).reshape(-1)
-        if yy.shape[0] != outputs.shape[0]:
-            raise ValueError(f"y has {yy.shape[0]} labels for {outputs.shape[0]} samples")
-        accuracy = float(np.mean(np.argmax(outputs, axis=1) == yy))
+    if labels is not None and outputs.ndim == 2:
+        accuracy = float(np.mean(np.argmax(outputs, axis=1) == labels))
     details = {
         "board": b.__dict__ | {},
         "kernels": kernels,
@@ -126,6 +124,19 @@ def run_mcu(
         latency=Latency(total_ms, total_ms, runs=0, warmup=0, threads=1, estimated=True),
         details=details,
     )
+
+
+def _check_labels(y: np.ndarray | None, n: int) -> np.ndarray | None:
+    """``y`` as ``n`` integer class labels (before any work is done), or None."""
+    if y is None:
+        return None
+    labels = np.asarray(y)
+    if labels.ndim != 1 or labels.shape[0] != n or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(
+            f"y must be {n} integer class labels of shape ({n},), got {labels.dtype} "
+            f"{labels.shape}; pass class ids (e.g. y.astype(np.int64)) or no y"
+        )
+    return labels
 
 
 def _prepare_input(model: TfliteModel, x: np.ndarray) -> tuple[np.ndarray, str]:
