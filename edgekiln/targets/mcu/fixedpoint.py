@@ -69,7 +69,7 @@ def wrap_int32(x: np.ndarray) -> np.ndarray:
     return ((x - INT32_MIN) & 0xFFFFFFFF) + INT32_MIN
 
 
-def saturating_rounding_doubling_high_mul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def saturating_rounding_doubling_high_mul(a: np.ndarray | int, b: np.ndarray | int) -> np.ndarray:
     """gemmlowp SaturatingRoundingDoublingHighMul: ``round(a * b / 2**31)``, saturated.
 
     Ties round up (toward +infinity: 1.5 -> 2, -1.5 -> -1); the one overflow,
@@ -214,7 +214,7 @@ SOFTMAX_DIFF_INTEGER_BITS = 5  # input differences in Q5.26
 SOFTMAX_ACCUM_INTEGER_BITS = 12  # sum of exps in Q12.19
 
 
-def _fx_mul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def _fx_mul(a: np.ndarray | int, b: np.ndarray | int) -> np.ndarray:
     return saturating_rounding_doubling_high_mul(a, b)
 
 
