@@ -196,14 +196,13 @@ def _artifact_info(artifact: str) -> dict:
             producer.update({i: op.opcode for i in op.outputs})
             src = m.tensor(op.inputs[0]) if op.inputs else None
             out = m.tensor(op.outputs[0])
+            if src is None or op.opcode != "RESHAPE" or len(out.shape) != 2:
+                continue
             # A flatten of an NHWC activation (the writer re-orders what follows it); a
             # reshape fed by TRANSPOSE is already in the graph's element order.
-            nhwc = (
-                src is not None and len(src.shape) == 4 and producer.get(src.index) != "TRANSPOSE"
-            )
-            if op.opcode == "RESHAPE" and nhwc and len(out.shape) == 2:
-                if src.shape[3] > 1 and src.shape[1] * src.shape[2] > 1:
-                    info["hwc_flat"][out.name] = tuple(int(s) for s in src.shape[1:])
+            nhwc = len(src.shape) == 4 and producer.get(src.index) != "TRANSPOSE"
+            if nhwc and src.shape[3] > 1 and src.shape[1] * src.shape[2] > 1:
+                info["hwc_flat"][out.name] = tuple(int(s) for s in src.shape[1:])
         info["scales"] = {t.name: float(t.scale[0]) for t in m.tensors if t.scale.size}
     elif path.suffix == ".onnx":
         import onnx
