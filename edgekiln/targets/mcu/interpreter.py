@@ -206,6 +206,16 @@ class _OpContext:
             )
         return t.data
 
+    def required_constant(self, k: int, role: str) -> np.ndarray:
+        """Constant input ``k`` the kernel cannot run without (``role``: "filter", "weights")."""
+        data = self.constant(k)
+        if data is None:
+            raise SimulationError(
+                f"{self.where} needs its {role} as input {k}, which is missing; "
+                f"give the operator a constant int8 {role} tensor there"
+            )
+        return data
+
     def option(self, key: str, default: Any = None) -> Any:
         return self.op.options.get(key, default)
 
@@ -290,7 +300,7 @@ def _conv_requant(ctx: _OpContext, channels: int) -> K.Requant:
 
 
 def _conv_2d(ctx: _OpContext) -> np.ndarray:
-    x, w, b = ctx.value(0), ctx.constant(1), ctx.constant(2)
+    x, w, b = ctx.value(0), ctx.required_constant(1, "filter"), ctx.constant(2)
     if x.ndim != 4 or w.ndim != 4 or x.shape[3] % w.shape[3] != 0:
         raise SimulationError(
             f"{ctx.where}: input {x.shape[1:]} and filter {w.shape} do not fit (NHWC, OHWI)"
@@ -303,7 +313,7 @@ def _conv_2d(ctx: _OpContext) -> np.ndarray:
 
 
 def _depthwise_conv_2d(ctx: _OpContext) -> np.ndarray:
-    x, w, b = ctx.value(0), ctx.constant(1), ctx.constant(2)
+    x, w, b = ctx.value(0), ctx.required_constant(1, "filter"), ctx.constant(2)
     m = int(ctx.option("depth_multiplier", 1)) or 1
     if x.ndim != 4 or w.ndim != 4 or w.shape[3] != x.shape[3] * m:
         raise SimulationError(
@@ -319,7 +329,7 @@ def _depthwise_conv_2d(ctx: _OpContext) -> np.ndarray:
 
 
 def _fully_connected(ctx: _OpContext) -> np.ndarray:
-    x, w, b = ctx.value(0), ctx.constant(1), ctx.constant(2)
+    x, w, b = ctx.value(0), ctx.required_constant(1, "weights"), ctx.constant(2)
     if w.ndim != 2 or x.size % (x.shape[0] * w.shape[1]) != 0:
         raise SimulationError(
             f"{ctx.where}: input {x.shape} does not flatten to rows of {w.shape[1]} values"
