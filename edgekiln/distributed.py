@@ -270,18 +270,22 @@ def wrap(
         )
     model = model.to(ctx.device)
     apply_projections(model)  # the same pending work on every rank, before rank 0's copy
+    device_ids = [ctx.local_rank] if ctx.device.type == "cuda" else None
     # torch 2.13 renamed broadcast_buffers (per forward) to forward_sync_buffers
-    sync = (
-        "forward_sync_buffers"
-        if _accepts(DistributedDataParallel, "forward_sync_buffers")
-        else ("broadcast_buffers")
-    )
-    wrapped = DistributedDataParallel(
-        model,
-        device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None,
-        find_unused_parameters=find_unused_parameters,
-        **{sync: broadcast_buffers},
-    )
+    if _accepts(DistributedDataParallel.__init__, "forward_sync_buffers"):
+        wrapped = DistributedDataParallel(
+            model,
+            device_ids=device_ids,
+            find_unused_parameters=find_unused_parameters,
+            forward_sync_buffers=broadcast_buffers,
+        )
+    else:
+        wrapped = DistributedDataParallel(
+            model,
+            device_ids=device_ids,
+            find_unused_parameters=find_unused_parameters,
+            broadcast_buffers=broadcast_buffers,
+        )
     mark_projected(model)  # DDP's in-place copy of projected weights is not a training step
     return wrapped
 
@@ -301,10 +305,11 @@ def sync_from_main(model: nn.Module, ctx: DistContext) -> None:
             torch.distributed.broadcast(tensor.data, src=0)
 
 
-def _accepts(cls: type, name: str) -> bool:
+def _accepts(fn: Callable[..., Any], name: str) -> bool:
+    """Whether ``fn`` takes a parameter called ``name`` (a keyword renamed across versions)."""
     import inspect
 
-    return name in inspect.signature(cls.__init__).parameters
+    return name in inspect.signature(fn).parameters
 
 
 def replica_digest(model: nn.Module) -> dict[str, str]:
