@@ -41,6 +41,8 @@ from edgekiln.ir import Tensor as IRTensor
 from edgekiln.ir.transforms import remove_pruned_channels as _remove_pruned_channels
 from edgekiln.pipeline.constraints import weight_quantizer
 from edgekiln.pipeline.ops import Role, classify, unsupported, where
+from edgekiln.pipeline.prepare import unrounded_bias
+from edgekiln.pipeline.quant import bias_steps
 
 INT32_MAX = 2**31 - 1
 
@@ -243,15 +245,18 @@ class _Capture:
         x = self._arg(node)
         s_in = self._quant_of(x).scale  # (1,) float32
         layer = str(node.target)
-        for pname, param in module.named_parameters():  # type: ignore[union-attr]
+        quantizer = weight_quantizer(module) if module is not None else None
+        if module is None or quantizer is None:
+            raise CaptureError(f"{where(node)} has no FakeQuant on its weight (an edgekiln bug)")
+        for pname, param in module.named_parameters():
             if not bool(torch.isfinite(param).all()):
                 what = "weight" if "weight" in pname else pname
                 raise CaptureError(f"layer {layer!r} has a non-finite {what}: refusing to export")
         with torch.no_grad():
-            w = module.weight.detach().float()  # type: ignore[union-attr]
-            scale, _ = weight_quantizer(module).qparams()  # type: ignore[union-attr]
+            w = _tensor_attr(module, "weight").detach().float()
+            scale, _ = quantizer.qparams()
             scale = scale.reshape(-1).expand(w.shape[0]).float()  # (C_out,) float32
-            bias = module.bias  # type: ignore[union-attr]
+            bias = unrounded_bias(module)  # what training rounds (BiasQuant), masks applied
             b = bias.detach().float() if bias is not None else torch.zeros(w.shape[0])
         w_np, s_w = w.numpy(), scale.numpy().astype(np.float32)
         for what, arr in (("weight", w_np), ("weight scale", s_w), ("bias", b.numpy())):
@@ -261,8 +266,10 @@ class _Capture:
         s_w = _fit_dead_channel_scales(w_int, s_w, s_in, b.numpy())
         w_q = QParams.per_channel(s_w, axis=0)
         w_int = w_q.quantize(w_np)
-        b_scale = (s_in * s_w).astype(np.float32)  # (C_out,) float32
-        b_int = np.round(b.numpy().astype(np.float64) / b_scale.astype(np.float64))
+        # The rounding training applies (BiasQuant): round(b / (s_in * s_w)) half to even.
+        steps, b_scale_t = bias_steps(b, torch.tensor(s_in), torch.tensor(s_w))
+        b_scale = b_scale_t.numpy()  # (C_out,) float32
+        b_int = steps.numpy()  # (C_out,) float64 integers
         if np.abs(b_int).max(initial=0) > INT32_MAX:
             raise CaptureError(
                 f"layer {layer!r}: a bias does not fit int32 at scale input x weight scale; "
@@ -424,6 +431,13 @@ def _fit_dead_channel_scales(
         return s_w
     need = (np.abs(bias.astype(np.float64)) / (float(s_in[0]) * 2.0**30)).astype(np.float32)
     return np.where(dead, np.maximum(s_w, need), s_w).astype(np.float32)
+
+
+def _tensor_attr(module: nn.Module, name: str) -> Tensor:
+    value = getattr(module, name)
+    if not isinstance(value, Tensor):
+        raise CaptureError(f"{type(module).__name__}.{name} is not a tensor (an edgekiln bug)")
+    return value
 
 
 def _conv_attrs(module: nn.Module, node: fx.Node) -> dict[str, Any]:

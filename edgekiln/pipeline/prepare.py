@@ -12,7 +12,13 @@ Steps, in order:
    input and output parameters (max pool, average pool, mean, reshape, pad, concatenation)
    get no parameters of their own: they share one quantizer with their inputs, so the
    trained model already computes what the device computes. Softmax outputs get TFLite's
-   fixed parameters (scale 1/256, zero point -128).
+   fixed parameters (scale 1/256, zero point -128). Identity nodes (``nn.Identity``,
+   ``nn.Dropout``) are looked through: ``conv -> Identity -> ReLU`` fuses like ``conv -> ReLU``;
+5. round every conv / linear bias onto its int32 grid ``input_scale * weight_scale`` in the
+   forward (:class:`BiasQuant`, straight-through gradient), with the scale of the quantizer
+   that feeds the layer and the weight's FakeQuant scales: ``capture`` rounds with the same
+   function, so the fake-quantized model adds the bias the int8 graph stores; and give the
+   output quantizer of every conv, linear and add a scale floor (see "Scale floors" below).
 
 ``capture`` reads the prepared model back through the same classification
 (``edgekiln.pipeline.ops``).
@@ -28,6 +34,22 @@ Sparsity patterns
   (``Prune.flattened_from``), the order TFLite stores them in, so the artifact keeps N:M.
   Layers where N:M cannot apply (depthwise or grouped convs, an input dimension that is not a
   multiple of M, e.g. a first conv on 1 or 3 channels) are left dense, with a warning.
+
+Scale floors
+------------
+An observed range says nothing about the scale when it is (near) zero: a ReLU after a conv
+that is negative on all calibration data sees [0, 0] and would get ``MIN_SCALE`` (2**-23),
+making the requantization multiplier ``input_scale * weight_scale / output_scale`` about 800
+or more. XNNPACK (LiteRT's default) refuses multipliers of 256 or more, and the next layer's
+int32 bias grid (``output_scale * its weight scale``) gets so fine that a bias overflows int32.
+So the output scale of a conv or linear is kept at or above its coarsest accumulator step,
+``input_scale * max_c weight_scale[c]`` (every requantization multiplier <= 1): an int32
+accumulator moves in steps of ``input_scale * weight_scale[c]``, so an output step finer than
+the coarsest of them only buys resolution for the other channels, and a live layer's range
+spans thousands of such steps (the floor binds only for dead or nearly dead outputs). An add's
+output scale is kept at or above ``max(input scales) / 128`` (input-to-output multipliers
+<= 128, half of XNNPACK's 256: a sum has no accumulator step to argue from). The model input
+keeps ``MIN_SCALE`` for a zero range (an all-zero input has no producer to take a step from).
 
 ``recipe.sparsity_mode = "prune_then_qat"`` starts the model with fake-quantization off (the
 pruning phase); ``edgekiln.pipeline.constraints.start_qat(model)`` freezes the masks and turns
@@ -46,6 +68,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
+from torch.nn.utils import parametrize
 
 from edgekiln.pipeline.constraints import (
     ChannelGroup,
@@ -54,23 +77,33 @@ from edgekiln.pipeline.constraints import (
     Prune,
     constrain,
     set_fake_quant,
+    weight_quantizer,
 )
 from edgekiln.pipeline.ops import (
     FUSABLE_ROLES,
     NEW_VALUE_ROLES,
     SHARED_REQUANT_ROLES,
     SHARED_ROLES,
+    NodeInfo,
     Role,
     classify,
     unsupported,
+    where,
 )
-from edgekiln.pipeline.quant import FakeQuantizer, activation_spec, fake_quantize
+from edgekiln.pipeline.quant import (
+    FakeQuantizer,
+    activation_spec,
+    fake_quantize,
+    fake_quantize_bias,
+)
 from edgekiln.pipeline.recipe import Recipe, SparsityMode
 
 logger = logging.getLogger(__name__)
 
 SOFTMAX_SCALE = 1.0 / 256.0
 SOFTMAX_ZERO_POINT = -128
+ADD_MAX_MULTIPLIER = 128.0
+"""Largest input-to-output scale ratio an add's output floor allows (XNNPACK refuses 256)."""
 
 
 class ActivationQuant(nn.Module):
@@ -127,6 +160,80 @@ class FixedQuant(nn.Module):
         return self.scale, self.zero_point
 
 
+def _quantizing(source: ActivationQuant | FixedQuant) -> bool:
+    """Whether ``source`` fake-quantizes (it passes values through when turned off)."""
+    if isinstance(source, FixedQuant):
+        return source.enabled
+    return bool(source.quantizer.enabled) and source.quantizer.observed
+
+
+class BiasQuant(nn.Module):
+    """Parametrization of a conv / linear ``bias``: round it onto ``input_scale * weight_scale``.
+
+    ``input_scale`` is read, at every forward, from the activation quantizer that feeds the
+    layer, and ``weight_scale`` (per output channel) from the weight's FakeQuant, which the
+    layer's forward has just run (``conv(x, self.weight, self.bias)`` reads the weight
+    first). Values come from :func:`edgekiln.pipeline.quant.fake_quantize_bias`, which
+    ``capture`` also uses, so training and the int8 graph agree integer for integer. The
+    bias passes through unchanged while either quantizer is off (a float pruning phase).
+
+    Both quantizers are plain references, not submodules: they are saved, moved and
+    counted where they live, and ``copy.deepcopy`` of the model re-points the references.
+    """
+
+    _source: ActivationQuant | FixedQuant
+    _weight_quantizer: FakeQuantizer
+
+    def __init__(
+        self, source: ActivationQuant | FixedQuant, weight_quantizer: FakeQuantizer
+    ) -> None:
+        super().__init__()
+        self.__dict__["_source"] = source
+        self.__dict__["_weight_quantizer"] = weight_quantizer
+
+    @property
+    def source(self) -> ActivationQuant | FixedQuant:
+        """The activation quantizer whose scale is the layer's input scale."""
+        return self._source
+
+    def forward(self, bias: Tensor) -> Tensor:
+        if not (bool(self._weight_quantizer.enabled) and _quantizing(self._source)):
+            return bias
+        input_scale, _ = self._source.qparams()
+        weight_scale, _ = self._weight_quantizer.qparams()
+        return fake_quantize_bias(bias, input_scale, weight_scale)
+
+
+class _AccumulatorStep:
+    """Scale floor of a conv / linear output: ``input_scale * max_c weight_scale[c]``."""
+
+    def __init__(
+        self, source: ActivationQuant | FixedQuant, weight_quantizer: FakeQuantizer
+    ) -> None:
+        self.source = source
+        self.weight_quantizer = weight_quantizer
+
+    def __call__(self) -> Tensor | None:
+        if not _quantizing(self.source):
+            return None
+        input_scale, _ = self.source.qparams()  # float32, shape ()
+        weight_scale, _ = self.weight_quantizer.qparams()  # float32, shape (C_out,) or ()
+        return input_scale.reshape(()) * weight_scale.max()
+
+
+class _AddInputStep:
+    """Scale floor of an add's output: ``max(input scales) / ADD_MAX_MULTIPLIER``."""
+
+    def __init__(self, sources: list[ActivationQuant | FixedQuant]) -> None:
+        self.sources = sources
+
+    def __call__(self) -> Tensor | None:
+        scales = [s.qparams()[0].reshape(()) for s in self.sources if _quantizing(s)]
+        if not scales:
+            return None
+        return torch.stack(scales).max() / ADD_MAX_MULTIPLIER
+
+
 def prepare(
     model: nn.Module,
     example_inputs: Tensor | Sequence[Tensor],
@@ -150,6 +257,7 @@ def prepare(
     _fold_batch_norms(gm)
     _constrain_kernels(gm, recipe, inputs)
     _insert_quantizers(gm, recipe)
+    _link_scales(gm)
     gm.graph.lint()
     gm.recompile()
     gm.meta_input_shapes = [tuple(x.shape[1:]) for x in inputs]  # type: ignore[attr-defined]
@@ -437,7 +545,7 @@ def _insert_quantizers(gm: fx.GraphModule, recipe: Recipe) -> None:
         if role in NEW_VALUE_ROLES:
             points.append((_fused_end(node, roles), True))
         elif role == Role.ACTIVATION:
-            source = tensor_args[0]
+            source = _through_identities(tensor_args[0], roles)
             if roles[source] not in FUSABLE_ROLES or len(source.users) != 1:
                 raise unsupported(
                     node,
@@ -473,12 +581,145 @@ def _insert_quantizers(gm: fx.GraphModule, recipe: Recipe) -> None:
         )
 
 
+def _link_scales(gm: fx.GraphModule) -> None:
+    """Step 5: BiasQuant on every conv / linear bias, scale floors on conv, linear and add outputs.
+
+    Runs on the graph with its quantizers in place, so each layer's input quantizer is the
+    QUANT node before it (through ops that share their input's parameters).
+    """
+    modules = dict(gm.named_modules())
+    infos = {node: classify(node, modules) for node in gm.graph.nodes}
+    linked: dict[int, ActivationQuant | FixedQuant] = {}
+    for node, info in infos.items():
+        if info.role == Role.ADD:
+            sources = [_input_quant(a, infos) for a in node.args[:2] if isinstance(a, fx.Node)]
+            output = _output_quant(node, infos)
+            if output is not None:
+                output.add_scale_floor(_AddInputStep(sources))
+            continue
+        if info.role != Role.WEIGHTED or info.module is None:
+            continue
+        module = info.module
+        source = _input_quant(node.args[0], infos)
+        quantizer = weight_quantizer(module)
+        if quantizer is None:  # _constrain_kernels put a FakeQuant on every kernel
+            raise RuntimeError(f"{where(node)} has no weight FakeQuant (an edgekiln bug)")
+        if id(module) in linked:
+            if not _same_grid(linked[id(module)], source):
+                raise unsupported(
+                    node,
+                    "one conv or linear module called at two points with different input "
+                    "scales (its int32 bias would need two grids)",
+                    hint="give each call its own module",
+                )
+            continue
+        linked[id(module)] = source
+        if isinstance(getattr(module, "bias", None), Tensor):
+            parametrize.register_parametrization(
+                module, "bias", BiasQuant(source, quantizer), unsafe=True
+            )
+        output = _output_quant(node, infos)
+        if output is not None:
+            output.add_scale_floor(_AccumulatorStep(source, quantizer))
+
+
+def _same_grid(a: ActivationQuant | FixedQuant, b: ActivationQuant | FixedQuant) -> bool:
+    if isinstance(a, ActivationQuant) and isinstance(b, ActivationQuant):
+        return a.quantizer is b.quantizer
+    return a is b
+
+
+# Ops between a quantizer and the layer it feeds that keep its parameters.
+_SAME_GRID_ROLES = frozenset({Role.MAX_POOL, Role.RESHAPE, Role.PAD, Role.IDENTITY, Role.CONCAT})
+
+
+def _input_quant(node: fx.Node, infos: dict[fx.Node, NodeInfo]) -> ActivationQuant | FixedQuant:
+    """The quantizer whose parameters the tensor ``node`` carries."""
+    current = node
+    while infos[current].role in _SAME_GRID_ROLES:
+        args = [a for a in _flat_args(current) if infos[a].role != Role.SHAPE]
+        if not args:
+            break
+        current = args[0]
+    module = infos[current].module
+    if not isinstance(module, ActivationQuant | FixedQuant):
+        raise RuntimeError(f"no quantizer feeds {where(node)} (an edgekiln bug)")
+    return module
+
+
+def _output_quant(node: fx.Node, infos: dict[fx.Node, NodeInfo]) -> FakeQuantizer | None:
+    """The observing quantizer after ``node`` (past its fused ReLU and identities), if any."""
+    current = node
+    while len(current.users) == 1:
+        current = next(iter(current.users))
+        info = infos[current]
+        if info.role == Role.QUANT:
+            module = info.module
+            if isinstance(module, ActivationQuant) and module.observe:
+                return module.quantizer
+            return None
+        if info.role not in (Role.ACTIVATION, Role.IDENTITY):
+            return None
+    return None
+
+
+def unrounded_bias(module: nn.Module) -> Tensor | None:
+    """``module.bias`` before :class:`BiasQuant` rounds it (masks applied), or None.
+
+    ``capture`` rounds this value with the function training uses.
+
+    >>> lin = nn.Linear(2, 1)
+    >>> torch.equal(unrounded_bias(lin), lin.bias)
+    True
+    """
+    plist = _bias_parametrizations(module)
+    if plist is None or not isinstance(plist[-1], BiasQuant):
+        bias = getattr(module, "bias", None)
+        return bias if isinstance(bias, Tensor) else None
+    value: Tensor = plist.original
+    for p in list(plist)[:-1]:
+        value = p(value)
+    return value
+
+
+def bias_quant(module: nn.Module) -> BiasQuant | None:
+    """The :class:`BiasQuant` of ``module.bias``, or None (no bias, or not prepared)."""
+    plist = _bias_parametrizations(module)
+    if plist is None or not isinstance(plist[-1], BiasQuant):
+        return None
+    return plist[-1]
+
+
+def _bias_parametrizations(module: nn.Module) -> nn.ModuleList | None:
+    if not parametrize.is_parametrized(module, "bias"):
+        return None
+    plist = module.parametrizations["bias"]  # type: ignore[index]
+    return plist if isinstance(plist, nn.ModuleList) else None
+
+
+def _through_identities(node: fx.Node, roles: dict[fx.Node, Role]) -> fx.Node:
+    """``node``, or the first node before it that is not a single-use identity."""
+    while roles[node] == Role.IDENTITY and len(node.users) == 1:
+        args = [a for a in _flat_args(node) if roles.get(a) not in (None, Role.SHAPE)]
+        if not args:
+            break
+        node = args[0]
+    return node
+
+
 def _fused_end(node: fx.Node, roles: dict[fx.Node, Role]) -> fx.Node:
-    """The node whose output is quantized for ``node``: its ReLU when one follows alone."""
-    if roles[node] in FUSABLE_ROLES and len(node.users) == 1:
-        user = next(iter(node.users))
+    """The node whose output is quantized for ``node``: its ReLU when one follows alone
+    (possibly after identities: Dropout, Identity)."""
+    if roles[node] not in FUSABLE_ROLES:
+        return node
+    end = node
+    while len(end.users) == 1:
+        user = next(iter(end.users))
         if roles[user] == Role.ACTIVATION:
             return user
+        if roles[user] != Role.IDENTITY:
+            break
+        end = user
     return node
 
 

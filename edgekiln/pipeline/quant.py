@@ -4,7 +4,8 @@ The file reads top-down in layers, each using only the ones above it:
 
 1. :class:`QuantSpec`, the integer grid (bits, symmetric or not, per channel or not).
 2. :func:`compute_qparams`, the TFLite rule from an observed range to ``(scale, zero_point)``.
-3. :func:`fake_quantize`, quantize-dequantize with a straight-through gradient.
+3. :func:`fake_quantize`, quantize-dequantize with a straight-through gradient, and
+   :func:`fake_quantize_bias`, the int32 bias grid ``input_scale * weight_scale``.
 4. Observers (:class:`MinMaxObserver`, :class:`MovingAverageMinMaxObserver`) that track a range in
    buffers, so a ``state_dict`` carries them.
 5. :class:`FakeQuantizer`, the module that observes then fake-quantizes; one instance may be shared
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import enum
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,8 +40,10 @@ __all__ = [
     "ObserverKind",
     "QuantSpec",
     "activation_spec",
+    "bias_steps",
     "compute_qparams",
     "fake_quantize",
+    "fake_quantize_bias",
     "make_observer",
     "weight_spec",
 ]
@@ -196,17 +200,27 @@ def compute_qparams(min_val: Tensor, max_val: Tensor, spec: QuantSpec) -> tuple[
     return _qparams_from_range(min_val, max_val, spec)
 
 
-def _qparams_from_range(min_val: Tensor, max_val: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
-    """:func:`compute_qparams` without the input checks (the observers' hot path)."""
+def _qparams_from_range(
+    min_val: Tensor, max_val: Tensor, spec: QuantSpec, floor: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """:func:`compute_qparams` without the input checks (the observers' hot path).
+
+    ``floor`` (float32, shape ``()``) raises the scale to at least that value before the zero
+    point is computed (see :meth:`FakeQuantizer.add_scale_floor`).
+    """
     min_val = torch.clamp(min_val.float(), max=0.0)  # widened to include 0
     max_val = torch.clamp(max_val.float(), min=0.0)
     if spec.symmetric:
         scale = torch.maximum(-min_val, max_val) / spec.qmax  # float32, shape of min_val
         scale = torch.clamp(scale, min=MIN_SCALE)
+        if floor is not None:
+            scale = torch.maximum(scale, floor)
         zero_point = torch.zeros_like(scale, dtype=torch.int32)
         return scale, zero_point
     scale = (max_val - min_val) / float(spec.qmax - spec.qmin)  # float32, shape of min_val
     scale = torch.clamp(scale, min=MIN_SCALE)
+    if floor is not None:
+        scale = torch.maximum(scale, floor)
     zero_point = spec.qmin - _round_half_away(min_val / scale)
     zero_point = torch.clamp(zero_point, spec.qmin, spec.qmax).to(torch.int32)  # int32
     return scale, zero_point
@@ -275,6 +289,57 @@ class _FakeQuantizePerTensor(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None, None]:  # type: ignore[override]
         (outside,) = ctx.saved_tensors
         return grad.masked_fill(outside, 0.0), None, None, None, None
+
+
+def bias_steps(bias: Tensor, input_scale: Tensor, weight_scale: Tensor) -> tuple[Tensor, Tensor]:
+    """The int32 bias grid of a conv or linear: ``(steps, scale)``.
+
+    ``scale = input_scale * weight_scale`` (float32, shape ``(C_out,)``: the product is taken in
+    float32, as the exporters store it) and ``steps = round(bias / scale)`` computed in float64
+    and rounded half to even (``np.round``'s rule), float64 integers of shape ``(C_out,)``.
+    Training (:func:`fake_quantize_bias`) and ``capture`` both call this, so the bias the
+    fake-quantized model adds is the one the int8 graph stores, integer for integer.
+
+    >>> steps, scale = bias_steps(torch.tensor([0.3125, 0.4]), torch.tensor(0.5),
+    ...                           torch.tensor([0.25, 0.5]))
+    >>> steps.tolist(), scale.tolist()  # 2.5 steps round to 2 (half to even), 1.6 to 2
+    ([2.0, 2.0], [0.125, 0.25])
+    """
+    channels = bias.shape[0]
+    s_in = input_scale.detach().to(device=bias.device, dtype=torch.float32).reshape(())
+    s_w = weight_scale.detach().to(device=bias.device, dtype=torch.float32).reshape(-1)
+    scale = (s_in * s_w.expand(channels)).contiguous()  # (C_out,) float32
+    steps = torch.round(bias.detach().double() / scale.double())  # (C_out,) float64 integers
+    return steps, scale
+
+
+def fake_quantize_bias(bias: Tensor, input_scale: Tensor, weight_scale: Tensor) -> Tensor:
+    """``bias`` rounded onto its int32 grid ``input_scale * weight_scale``, straight through.
+
+    The value is ``steps * scale`` of :func:`bias_steps` (in float64, then cast to the bias's
+    dtype); the gradient with respect to ``bias`` is 1 (no gradient to the scales).
+
+    >>> fake_quantize_bias(torch.tensor([0.12, -0.26]), torch.tensor(0.5),
+    ...                    torch.tensor([0.1, 0.2])).tolist()
+    [0.10000000149011612, -0.30000001192092896]
+    """
+    return _FakeQuantizeBias.apply(bias, input_scale, weight_scale)
+
+
+class _FakeQuantizeBias(torch.autograd.Function):
+    """:func:`fake_quantize_bias`: the value is exact (not ``b + (q - b).detach()``, whose two
+    float32 operations can miss ``q`` by one unit in the last place)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, bias: Tensor, input_scale: Tensor, weight_scale: Tensor
+    ) -> Tensor:
+        steps, scale = bias_steps(bias, input_scale, weight_scale)
+        return (steps * scale.double()).to(bias.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        return grad, None, None
 
 
 # 4. Observers -------------------------------------------------------------------------------------
@@ -384,8 +449,10 @@ class Observer(nn.Module):
     def _update(self, min_val: Tensor, max_val: Tensor) -> None:
         raise NotImplementedError
 
-    def qparams(self) -> tuple[Tensor, Tensor]:
+    def qparams(self, floor: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(scale, zero_point)`` of the observed range (see :func:`compute_qparams`).
+
+        ``floor`` (float32, shape ``()``), when given, is the smallest scale returned.
 
         Raises:
             RuntimeError: Nothing was observed yet.
@@ -395,7 +462,7 @@ class Observer(nn.Module):
                 f"{type(self).__name__} has not observed any data, so it has no scale: pass data "
                 "through the model in training mode (calibration) before asking for qparams"
             )
-        return _qparams_from_range(self.min_val, self.max_val, self.spec)
+        return _qparams_from_range(self.min_val, self.max_val, self.spec, floor)
 
     def _load_from_state_dict(  # type: ignore[no-untyped-def]
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -498,6 +565,10 @@ class FakeQuantizer(nn.Module):
     buffer). A shared instance counts the calls of every graph point that uses it. Nothing here
     assumes a single caller: several graph points may share one instance and so one scale.
 
+    A scale floor (:meth:`add_scale_floor`, set up by ``prepare`` on the outputs of convs, linears
+    and adds) keeps the scale from falling far below the grid of the values that make the tensor;
+    it is the ``scale_floor`` buffer, updated with the range, so it travels with ``state_dict``.
+
     Args:
         spec: The integer grid (default: activations).
         observer: An observer kind ("minmax", "moving_average", "last_value") or an Observer.
@@ -515,6 +586,7 @@ class FakeQuantizer(nn.Module):
 
     enabled: Tensor
     steps: Tensor
+    scale_floor: Tensor
 
     def __init__(
         self,
@@ -536,6 +608,8 @@ class FakeQuantizer(nn.Module):
         self.freeze_after = freeze_after
         self.register_buffer("enabled", torch.tensor(True))
         self.register_buffer("steps", torch.tensor(0, dtype=torch.int64))
+        self.register_buffer("scale_floor", torch.tensor(0.0))  # float32, shape (): 0 is none
+        self._floor_sources: list[Callable[[], Tensor | None]] = []
 
     def extra_repr(self) -> str:
         return f"spec={self.spec}, freeze_after={self.freeze_after}"
@@ -557,13 +631,45 @@ class FakeQuantizer(nn.Module):
         """Let the observer update again."""
         self.observer.unfreeze()
 
+    def add_scale_floor(self, source: Callable[[], Tensor | None]) -> None:
+        """Keep the scale at or above ``source()`` (float32, shape ``()``; None: no floor yet).
+
+        Sources are read after each observation in training and their largest value is kept in
+        the ``scale_floor`` buffer, so eval, ``capture`` and a reloaded checkpoint use the floor
+        training used. A source must be an object (not a lambda) for ``copy.deepcopy`` to
+        re-point its references.
+
+        >>> fq = FakeQuantizer(ACTIVATION_SPEC, observer="minmax")
+        >>> fq.add_scale_floor(lambda: torch.tensor(0.5))
+        >>> _ = fq(torch.zeros(3))  # a zero range would get MIN_SCALE
+        >>> fq.qparams()[0].item()
+        0.5
+        """
+        if not callable(source):
+            raise TypeError(
+                f"add_scale_floor needs a callable returning a scale tensor or None, got "
+                f"{type(source).__name__}"
+            )
+        self._floor_sources.append(source)
+
+    def _update_scale_floor(self) -> None:
+        floors = [f for f in (source() for source in self._floor_sources) if f is not None]
+        if floors:
+            floor = torch.stack([f.detach().float().reshape(()) for f in floors]).max()
+            self.scale_floor.copy_(floor)
+
     def qparams(self) -> tuple[Tensor, Tensor]:
-        """``(scale, zero_point)``: float32 and int32, shape ``()`` or ``(C,)``."""
-        return self.observer.qparams()
+        """``(scale, zero_point)``: float32 and int32, shape ``()`` or ``(C,)``.
+
+        Raises:
+            RuntimeError: Nothing was observed yet.
+        """
+        return self.observer.qparams(self.scale_floor if self._floor_sources else None)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.training and not bool(self.observer.frozen):
             self.observer.observe(x)
+            self._update_scale_floor()
             self.steps += 1
             if self.freeze_after is not None and int(self.steps) >= self.freeze_after:
                 self.observer.freeze()
@@ -575,5 +681,5 @@ class FakeQuantizer(nn.Module):
                 "FakeQuantizer has no scale yet: it is in eval mode (or frozen) and never observed "
                 "data. Calibration data must pass through the model in training mode first."
             )
-        scale, zero_point = self.observer.qparams()
+        scale, zero_point = self.qparams()
         return fake_quantize(x, scale, zero_point, self.spec)
