@@ -40,8 +40,8 @@ from edgekiln.ir import (
 from edgekiln.ir import Tensor as IRTensor
 from edgekiln.ir.transforms import remove_pruned_channels as _remove_pruned_channels
 from edgekiln.pipeline.constraints import weight_quantizer
-from edgekiln.pipeline.ops import Role, classify, unsupported, where
-from edgekiln.pipeline.prepare import unrounded_bias
+from edgekiln.pipeline.ops import Role, classify, unsupported, weighted_layer, where
+from edgekiln.pipeline.prepare import ActivationQuant, FixedQuant, unrounded_bias
 from edgekiln.pipeline.quant import bias_steps
 
 INT32_MAX = 2**31 - 1
@@ -120,16 +120,16 @@ def _example(model: fx.GraphModule, example_inputs: Any) -> tuple[Tensor, ...]:
 def _check_observed(model: fx.GraphModule, modules: dict[str, nn.Module]) -> None:
     for node in model.graph.nodes:
         info = classify(node, modules)
-        if info.role == Role.QUANT and hasattr(info.module, "quantizer"):
-            if not info.module.quantizer.observed:  # type: ignore[union-attr]
-                source = node.args[0]
+        if info.role == Role.QUANT and isinstance(info.module, ActivationQuant):
+            if not info.module.quantizer.observed:
+                source = node.args[0] if isinstance(node.args[0], fx.Node) else node
                 raise CaptureError(
                     f"the output of {where(source)} was never observed, so it has no scale: pass "
                     "calibration data through the model in training mode (model.train(); "
                     "model(x)) or fine-tune it before capture"
                 )
         if info.role == Role.WEIGHTED:
-            quantizer = weight_quantizer(info.module)
+            quantizer = weight_quantizer(weighted_layer(node, info))
             if quantizer is None:
                 raise CaptureError(
                     f"{where(node)} has no FakeQuant on its weight; edgekiln.prepare adds one "
@@ -201,7 +201,10 @@ class _Capture:
         self.ops.append(Op(kind, inputs, [out], attrs, name=label))
 
     def _arg(self, node: fx.Node, i: int = 0) -> str:
-        return self.value[node.args[i]]  # type: ignore[index]
+        arg = node.args[i] if len(node.args) > i else None
+        if not isinstance(arg, fx.Node):
+            raise unsupported(node, f"an op whose argument {i} is {arg!r}, not a tensor")
+        return self.value[arg]
 
     def _quant_of(self, name: str) -> QParams:
         quant = self.tensors[name].quant
@@ -231,7 +234,9 @@ class _Capture:
 
     def _quant(self, node: fx.Node, module: nn.Module | None) -> None:
         name = self._arg(node)
-        scale, zero_point = module.qparams()  # type: ignore[union-attr]
+        if not isinstance(module, ActivationQuant | FixedQuant):
+            raise CaptureError(f"{where(node)} is not an edgekiln quantizer (an edgekiln bug)")
+        scale, zero_point = module.qparams()
         quant = QParams.per_tensor(float(scale), int(zero_point))
         tensor = self.tensors[name]
         if tensor.quant is None:
@@ -245,18 +250,19 @@ class _Capture:
         x = self._arg(node)
         s_in = self._quant_of(x).scale  # (1,) float32
         layer = str(node.target)
-        quantizer = weight_quantizer(module) if module is not None else None
-        if module is None or quantizer is None:
+        layer_module = weighted_layer(node, classify(node, self.modules))
+        quantizer = weight_quantizer(layer_module)
+        if quantizer is None:
             raise CaptureError(f"{where(node)} has no FakeQuant on its weight (an edgekiln bug)")
-        for pname, param in module.named_parameters():
+        for pname, param in layer_module.named_parameters():
             if not bool(torch.isfinite(param).all()):
                 what = "weight" if "weight" in pname else pname
                 raise CaptureError(f"layer {layer!r} has a non-finite {what}: refusing to export")
         with torch.no_grad():
-            w = _tensor_attr(module, "weight").detach().float()
+            w = layer_module.weight.detach().float()
             scale, _ = quantizer.qparams()
             scale = scale.reshape(-1).expand(w.shape[0]).float()  # (C_out,) float32
-            bias = unrounded_bias(module)  # what training rounds (BiasQuant), masks applied
+            bias = unrounded_bias(layer_module)  # what training rounds (BiasQuant), masks on
             b = bias.detach().float() if bias is not None else torch.zeros(w.shape[0])
         w_np, s_w = w.numpy(), scale.numpy().astype(np.float32)
         for what, arr in (("weight", w_np), ("weight scale", s_w), ("bias", b.numpy())):
@@ -281,7 +287,7 @@ class _Capture:
         self.tensors[b_name] = IRTensor(
             b_name, b_data.shape, DType.INT32, QParams.per_channel(b_scale), b_data
         )
-        if isinstance(module, nn.Linear):
+        if isinstance(layer_module, nn.Linear):
             if len(self.tensors[x].shape) != 2:
                 raise unsupported(
                     node,
@@ -290,7 +296,7 @@ class _Capture:
                 )
             self._op(OpType.LINEAR, node, [x, w_name, b_name], {"activation": Activation.NONE})
             return
-        self._op(OpType.CONV, node, [x, w_name, b_name], _conv_attrs(module, node))
+        self._op(OpType.CONV, node, [x, w_name, b_name], _conv_attrs(layer_module))
 
     def _activation(self, node: fx.Node, module: nn.Module | None) -> None:
         name = self._arg(node)
@@ -346,9 +352,8 @@ class _Capture:
             axes, keepdims = spatial, True
         else:
             p = dict(node.kwargs)
-            dims = p.get("dim", node.args[1] if len(node.args) > 1 else None)
+            dims = _ints(node, p.get("dim", node.args[1] if len(node.args) > 1 else None))
             keepdims = bool(p.get("keepdim", node.args[2] if len(node.args) > 2 else False))
-            dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
             axes = tuple(sorted(d % ndim for d in dims))
             if axes != spatial:
                 raise unsupported(
@@ -365,9 +370,13 @@ class _Capture:
 
     def _concat(self, node: fx.Node, module: nn.Module | None) -> None:
         tensors = node.args[0] if node.args else node.kwargs["tensors"]
-        names = [self.value[t] for t in tensors]  # type: ignore[union-attr]
-        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
-        axis = int(dim) % len(self.tensors[names[0]].shape)
+        if not isinstance(tensors, list | tuple) or not all(
+            isinstance(t, fx.Node) for t in tensors
+        ):
+            raise unsupported(node, "concatenation of something other than a list of tensors")
+        names = [self.value[t] for t in tensors if isinstance(t, fx.Node)]
+        (dim,) = _ints(node, node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0))
+        axis = dim % len(self.tensors[names[0]].shape)
         if axis == 0:
             raise unsupported(node, "concatenation along the batch axis")
         self._op(OpType.CONCAT, node, names, {"axis": axis}, self._quant_of(names[0]))
@@ -375,12 +384,12 @@ class _Capture:
     def _softmax(self, node: fx.Node, module: nn.Module | None) -> None:
         x = self._arg(node)
         shape = self.tensors[x].shape
-        dim = (
-            module.dim
-            if module is not None
-            else node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
-        )
-        if len(shape) != 2 or dim is None or int(dim) % 2 != 1:
+        if isinstance(module, nn.Softmax):
+            dim = module.dim
+        else:
+            given = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+            dim = _ints(node, given)[0] if given is not None else None
+        if len(shape) != 2 or dim is None or dim % 2 != 1:
             raise unsupported(
                 node,
                 f"softmax over dim {dim} of a {len(shape)}-D tensor",
@@ -392,14 +401,15 @@ class _Capture:
     def _pad(self, node: fx.Node, module: nn.Module | None) -> None:
         x = self._arg(node)
         ndim = len(self.tensors[x].shape)
-        if module is not None:
-            flat = module.padding  # (left, right, top, bottom): last axis first
+        if isinstance(module, nn.ConstantPad1d | nn.ConstantPad2d | nn.ZeroPad2d):
+            given = module.padding  # (left, right, top, bottom): last axis first
         else:
             p = self._normalized(node)
             if p.get("mode", "constant") != "constant" or (p.get("value") or 0) != 0:
                 raise unsupported(node, "padding that is not zero padding")
-            flat = p["pad"]
-        flat = tuple(flat) if isinstance(flat, tuple | list) else (flat,) * (2 * (ndim - 2))
+            given = p["pad"]
+        flat = _ints(node, given)
+        flat = flat if isinstance(given, tuple | list) else flat * (2 * (ndim - 2))
         pairs = [(0, 0)] * ndim
         for i in range(len(flat) // 2):
             pairs[ndim - 1 - i] = (int(flat[2 * i]), int(flat[2 * i + 1]))
@@ -433,19 +443,12 @@ def _fit_dead_channel_scales(
     return np.where(dead, np.maximum(s_w, need), s_w).astype(np.float32)
 
 
-def _tensor_attr(module: nn.Module, name: str) -> Tensor:
-    value = getattr(module, name)
-    if not isinstance(value, Tensor):
-        raise CaptureError(f"{type(module).__name__}.{name} is not a tensor (an edgekiln bug)")
-    return value
-
-
-def _conv_attrs(module: nn.Module, node: fx.Node) -> dict[str, Any]:
-    nsp = module.weight.dim() - 2  # type: ignore[union-attr]
-    kernel = tuple(module.kernel_size)  # type: ignore[union-attr]
-    stride = _tuple(module.stride, nsp)  # type: ignore[union-attr]
-    dilation = _tuple(module.dilation, nsp)  # type: ignore[union-attr]
-    padding = module.padding  # type: ignore[union-attr]
+def _conv_attrs(module: nn.Conv1d | nn.Conv2d) -> dict[str, Any]:
+    nsp = module.weight.dim() - 2
+    kernel = tuple(module.kernel_size)
+    stride = _tuple(module.stride, nsp)
+    dilation = _tuple(module.dilation, nsp)
+    padding = module.padding
     if padding == "valid":
         pads = ((0, 0),) * nsp
     elif padding == "same":
@@ -457,9 +460,19 @@ def _conv_attrs(module: nn.Module, node: fx.Node) -> dict[str, Any]:
         "stride": stride,
         "padding": pads,
         "dilation": dilation,
-        "groups": int(module.groups),  # type: ignore[union-attr]
+        "groups": int(module.groups),
         "activation": Activation.NONE,
     }
+
+
+def _ints(node: fx.Node, value: object) -> tuple[int, ...]:
+    """An fx argument that must be an int or a sequence of ints, as a tuple (None: empty)."""
+    if value is None:
+        return ()
+    values = value if isinstance(value, list | tuple) else (value,)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise unsupported(node, f"an op with argument {value!r} where ints were expected")
+    return tuple(int(v) for v in values)
 
 
 def _tuple(value: Any, n: int) -> tuple[int, ...]:

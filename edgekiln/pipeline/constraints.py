@@ -669,7 +669,7 @@ class ChannelGroup:
 
     def _members(self) -> list[tuple[Tensor, _PruneModule | None]]:
         """(value at the Prune's position, its prune module or None) per layer."""
-        out = []
+        out: list[tuple[Tensor, _PruneModule | None]] = []
         for layer in self.layers:
             plist = _plist(layer, self.name)
             prune = None
@@ -680,7 +680,13 @@ class ChannelGroup:
                         out.append((_chain_value(plist, index), p))
                         break
             if prune is None:
-                out.append((getattr(layer, self.name).detach(), None))
+                value = getattr(layer, self.name)
+                if not isinstance(value, Tensor):
+                    raise TypeError(
+                        f"ChannelGroup: {type(layer).__name__}.{self.name} is not a tensor; "
+                        "group layers by the name of their kernel (name='weight')"
+                    )
+                out.append((value.detach(), None))
         return out
 
     @torch.no_grad()
@@ -940,10 +946,13 @@ def set_fake_quant(model: nn.Module, enabled: bool) -> int:
     """
     count = 0
     for module in model.modules():
-        if isinstance(module, FakeQuantizer) or (
-            getattr(module, "_edgekiln_quant", False) and callable(getattr(module, "enable", None))
-        ):
+        if isinstance(module, FakeQuantizer):
             module.enable(bool(enabled))
+            count += 1
+            continue
+        enable = getattr(module, "enable", None)  # prepare's FixedQuant (softmax outputs)
+        if getattr(module, "_edgekiln_quant", False) and callable(enable):
+            enable(bool(enabled))
             count += 1
     return count
 

@@ -129,6 +129,24 @@ class NodeInfo:
     module: nn.Module | None = None
 
 
+WeightedLayer = nn.Conv1d | nn.Conv2d | nn.Linear
+"""The modules of ``Role.WEIGHTED`` nodes (parametrized or not)."""
+
+
+def weighted_layer(node: fx.Node, info: NodeInfo) -> nn.Conv1d | nn.Conv2d | nn.Linear:
+    """The conv or linear module a ``Role.WEIGHTED`` node calls, typed as such.
+
+    >>> gm = fx.symbolic_trace(nn.Sequential(nn.Linear(2, 1)))
+    >>> node = next(n for n in gm.graph.nodes if n.op == "call_module")
+    >>> weighted_layer(node, classify(node, dict(gm.named_modules())))
+    Linear(in_features=2, out_features=1, bias=True)
+    """
+    module = info.module
+    if info.role != Role.WEIGHTED or not isinstance(module, WeightedLayer):
+        raise unsupported(node, f"{type(module).__name__} where a conv or linear was expected")
+    return module
+
+
 def classify(node: fx.Node, modules: dict[str, nn.Module]) -> NodeInfo:
     """The role of ``node``; raises UnsupportedOpError for an op edgekiln cannot quantize."""
     if node.op == "placeholder":

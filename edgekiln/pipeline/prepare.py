@@ -73,6 +73,7 @@ from torch.nn.utils import parametrize
 from edgekiln.pipeline.constraints import (
     ChannelGroup,
     Constraint,
+    Pattern,
     PatternKind,
     Prune,
     constrain,
@@ -88,6 +89,7 @@ from edgekiln.pipeline.ops import (
     Role,
     classify,
     unsupported,
+    weighted_layer,
     where,
 )
 from edgekiln.pipeline.quant import (
@@ -138,6 +140,8 @@ class FixedQuant(nn.Module):
     """Quantization with fixed parameters (softmax outputs: scale 1/256, zero point -128)."""
 
     _edgekiln_quant = True
+    scale: Tensor
+    zero_point: Tensor
 
     def __init__(self, scale: float, zero_point: int, bits: int = 8) -> None:
         super().__init__()
@@ -260,7 +264,8 @@ def prepare(
     _link_scales(gm)
     gm.graph.lint()
     gm.recompile()
-    gm.meta_input_shapes = [tuple(x.shape[1:]) for x in inputs]  # type: ignore[attr-defined]
+    # fx.GraphModule is an nn.Module: a plain attribute, read back by capture
+    setattr(gm, "meta_input_shapes", [tuple(x.shape[1:]) for x in inputs])  # noqa: B010
     if recipe.prunes and recipe.sparsity_mode is SparsityMode.PRUNE_THEN_QAT:
         set_fake_quant(gm, False)  # phase 1: pruning only; start_qat(gm) begins phase 2
     gm.train(model.training)
@@ -301,13 +306,19 @@ def _fold_batch_norms(gm: fx.GraphModule) -> None:
             continue
         source = node.args[0]
         producer = classify(source, modules) if isinstance(source, fx.Node) else None
-        if producer is None or producer.role != Role.WEIGHTED or len(source.users) != 1:
+        if (
+            not isinstance(source, fx.Node)
+            or producer is None
+            or producer.role != Role.WEIGHTED
+            or len(source.users) != 1
+            or info.module is None
+        ):
             raise unsupported(
                 node,
                 type(info.module).__name__ + " not directly after a conv or linear",
                 hint="put each BatchNorm right after the conv or linear it normalizes",
             )
-        fold_batch_norm(producer.module, info.module)  # type: ignore[arg-type]
+        fold_batch_norm(weighted_layer(source, producer), info.module)
         node.replace_all_uses_with(source)
         gm.graph.erase_node(node)
         _delete_submodule(gm, str(node.target))
@@ -319,9 +330,18 @@ def fold_batch_norm(layer: nn.Module, bn: nn.Module) -> None:
     ``w' = w * gamma / sqrt(var + eps)`` per output channel and
     ``b' = (b - mean) * gamma / sqrt(var + eps) + beta``.
     """
-    if not isinstance(bn, nn.BatchNorm1d | nn.BatchNorm2d) or bn.running_var is None:
+    if not isinstance(layer, nn.Conv1d | nn.Conv2d | nn.Linear):
+        raise ValueError(
+            f"fold_batch_norm folds into a Conv1d, Conv2d or Linear, got {type(layer).__name__}; "
+            "put each BatchNorm right after the conv or linear it normalizes"
+        )
+    if (
+        not isinstance(bn, nn.BatchNorm1d | nn.BatchNorm2d)
+        or bn.running_var is None
+        or bn.running_mean is None
+    ):
         raise ValueError(f"{type(bn).__name__} without running statistics cannot be folded")
-    weight = layer.weight  # type: ignore[union-attr]
+    weight = layer.weight
     if weight.shape[0] != bn.num_features:
         raise ValueError(
             f"BatchNorm over {bn.num_features} features follows a layer with "
@@ -347,7 +367,7 @@ def _delete_submodule(gm: fx.GraphModule, target: str) -> None:
 
 def _constrain_kernels(gm: fx.GraphModule, recipe: Recipe, inputs: tuple[Tensor, ...]) -> None:
     modules = dict(gm.named_modules())
-    kind = recipe.pattern.kind if recipe.prunes else None  # type: ignore[union-attr]
+    kind = Pattern.parse(recipe.pattern).kind if recipe.prunes else None
     fitted: dict[fx.Node, Prune | None] = {}
     if kind is PatternKind.CHANNEL:
         fitted = _channel_prunes(gm, modules, _recipe_prune(recipe))
@@ -357,11 +377,12 @@ def _constrain_kernels(gm: fx.GraphModule, recipe: Recipe, inputs: tuple[Tensor,
     for node in gm.graph.nodes:
         info = classify(node, modules)
         if info.role == Role.WEIGHTED and id(info.module) not in seen:
-            seen.add(id(info.module))
+            layer = weighted_layer(node, info)
+            seen.add(id(layer))
             constraints = recipe.weight_constraints()
             if node in fitted:
                 constraints = _with_prune(constraints, fitted[node])
-            constrain(info.module, *constraints)
+            constrain(layer, *constraints)
 
 
 def _with_prune(constraints: list[Constraint], prune: Prune | None) -> list[Constraint]:
@@ -464,8 +485,8 @@ def _n_of_m_prunes(
 ) -> dict[fx.Node, Prune | None]:
     """Fit an N:M Prune to each layer: along C for a Linear after a flatten, none where N:M
     cannot apply (with one warning naming those layers)."""
-    pattern = recipe.pattern
-    m = pattern.m  # type: ignore[union-attr]
+    pattern = Pattern.parse(recipe.pattern)
+    m = pattern.m
     prune = _recipe_prune(recipe)
     with torch.no_grad():
         ShapeProp(gm).propagate(*(x[:1].detach().float() for x in inputs))
@@ -475,9 +496,9 @@ def _n_of_m_prunes(
         info = classify(node, modules)
         if info.role != Role.WEIGHTED:
             continue
-        module = info.module
-        weight = module.weight  # type: ignore[union-attr]
-        grouped = isinstance(module, nn.Conv1d | nn.Conv2d) and module.groups > 1
+        module = weighted_layer(node, info)
+        inputs_per_group = module.weight.shape[1]
+        groups = module.groups if isinstance(module, nn.Conv1d | nn.Conv2d) else 1
         chw = _flattened_from(node, modules) if isinstance(module, nn.Linear) else None
         if chw is not None and math.prod(chw[1:]) > 1:
             if chw[0] % m:
@@ -485,8 +506,8 @@ def _n_of_m_prunes(
                 fitted[node] = None
             else:
                 fitted[node] = dataclasses.replace(prune, flattened_from=chw)
-        elif grouped or weight.shape[1] % m:
-            why = f"groups={module.groups}" if grouped else f"{weight.shape[1]} inputs"
+        elif groups > 1 or inputs_per_group % m:
+            why = f"groups={groups}" if groups > 1 else f"{inputs_per_group} inputs"
             dense.append(f"{node.target} ({why})")
             fitted[node] = None
     if dense:
@@ -597,9 +618,11 @@ def _link_scales(gm: fx.GraphModule) -> None:
             if output is not None:
                 output.add_scale_floor(_AddInputStep(sources))
             continue
-        if info.role != Role.WEIGHTED or info.module is None:
+        if info.role != Role.WEIGHTED:
             continue
-        module = info.module
+        module = weighted_layer(node, info)
+        if not isinstance(node.args[0], fx.Node):
+            raise unsupported(node, "a conv or linear whose input is not a tensor")
         source = _input_quant(node.args[0], infos)
         quantizer = weight_quantizer(module)
         if quantizer is None:  # _constrain_kernels put a FakeQuant on every kernel
@@ -614,7 +637,7 @@ def _link_scales(gm: fx.GraphModule) -> None:
                 )
             continue
         linked[id(module)] = source
-        if isinstance(getattr(module, "bias", None), Tensor):
+        if module.bias is not None:
             parametrize.register_parametrization(
                 module, "bias", BiasQuant(source, quantizer), unsafe=True
             )
@@ -676,7 +699,9 @@ def unrounded_bias(module: nn.Module) -> Tensor | None:
     if plist is None or not isinstance(plist[-1], BiasQuant):
         bias = getattr(module, "bias", None)
         return bias if isinstance(bias, Tensor) else None
-    value: Tensor = plist.original
+    value = plist.original
+    if not isinstance(value, Tensor):  # parametrize stores the original tensor there
+        raise TypeError(f"{type(module).__name__}.bias has no stored tensor (an edgekiln bug)")
     for p in list(plist)[:-1]:
         value = p(value)
     return value
@@ -733,7 +758,12 @@ def _check_activation(node: fx.Node, modules: dict[str, nn.Module]) -> None:
 
 def _flat_args(node: fx.Node) -> list[fx.Node]:
     found: list[fx.Node] = []
-    fx.node.map_arg((node.args, node.kwargs), lambda a: found.append(a) or a)
+
+    def collect(arg: fx.Node) -> fx.Node:
+        found.append(arg)
+        return arg
+
+    fx.node.map_arg((node.args, node.kwargs), collect)
     return found
 
 

@@ -279,3 +279,12 @@ class _IdentityUsedTwice(nn.Module):
 def test_an_identity_with_two_users_still_does_not_fuse():
     with pytest.raises(UnsupportedOpError, match="ReLU / ReLU6 not directly after a conv"):
         prepare(_IdentityUsedTwice().eval(), torch.zeros(2, 2, 6, 6))
+
+
+def test_doctests_of_prepare_and_ops():
+    import doctest
+
+    from edgekiln.pipeline import ops
+
+    for module in (prepare_module, ops):
+        assert doctest.testmod(module, raise_on_error=False).failed == 0
