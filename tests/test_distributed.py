@@ -38,11 +38,16 @@ REPO = Path(__file__).parents[1]
 WORKER = REPO / "tests" / "_ddp_worker.py"
 
 # After 2 epochs (20 steps of Adam, lr 2e-3) the weights of the 2-rank run and of one process
-# with the same global batch differed by at most 2.98e-8 (one float32 ULP at |w| ~ 0.3): only
-# the order of float sums differs (each rank sums half a batch; gloo adds the halves). 1e-6
-# leaves room for another BLAS build. Longer runs drift apart as much as one process does with
-# 1 thread vs 2 threads (measured side by side, see docs/distributed.md).
-WEIGHT_TOLERANCE = 1e-6
+# with the same global batch differ only through the order of float sums (each rank sums half a
+# batch; gloo adds the halves): 2.98e-8 (one float32 ULP at |w| ~ 0.3) while biases trained in
+# float. Since training rounds each bias onto its int32 grid (input scale x weight scale), a
+# last-bit difference can flip one bias by one grid step and that step feeds the next updates:
+# measured 5.2e-8 after epoch 1 and 1.15e-5 after epoch 2, with masks, zero points and scales
+# still agreeing. 1e-4 (about 3e-4 of a typical weight) bounds that; masks and step counts
+# stay exact and scales within 1e-5 relative, which is what a real divergence would break.
+# Longer runs drift apart as much as one process does with 1 thread vs 2 threads (measured side
+# by side, see docs/distributed.md).
+WEIGHT_TOLERANCE = 1e-4
 
 
 def _torchrun(mode: str, out: Path) -> subprocess.CompletedProcess[str]:
