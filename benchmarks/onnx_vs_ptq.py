@@ -8,17 +8,13 @@ times drift between runs, ratios taken in one run do not (DESIGN.md).
 Models, all from the same weights:
 
 - ``edgekiln``: ``write_onnx(graph)`` -- the QDQ artifact with the graph's own scales;
-- ``ort-ptq``: ``onnxruntime.quantization.quantize_static`` on the float model of the same
-  dequantized weights (QDQ, per-channel int8 weights, int8 activations, MinMax calibration on
-  the same calibration data);
-- ``fp32``: ``write_onnx(graph, float_model=True)``.
+- ``ort-ptq``: ``onnxruntime.quantization.quantize_static`` on the trained float model (QDQ,
+  per-channel int8 weights, int8 activations, MinMax calibration);
+- ``fp32``: the trained float model, exported by torch.
 
-Hooks for the lead:
-
-- ``_edgekiln_graph()`` builds the graph with GraphBuilder (random weights, calibrated on random
-  data) until ``edgekiln.capture`` of a QAT-trained model exists; switch it there.
-- ``_evaluation_data()`` returns None until real data and a trained model are wired; return
-  ``(x, y)`` (float NCHW, integer labels) and the table gains top-1 accuracy per model.
+The model is the default small CNN trained on MNIST-5k (4,000 train / 1,000 test images): 2
+float epochs, then 1 epoch of edgekiln int8 QAT (no sparsity) for edgekiln's artifact; ORT's PTQ
+quantizes the float model after calibrating on 256 training images. Accuracy is on the test set.
 
 Run: ``.venv/bin/python benchmarks/onnx_vs_ptq.py [--runs 200] [--threads 1]``.
 """
@@ -33,33 +29,43 @@ import numpy as np
 
 from edgekiln.exporters.onnx import write_onnx
 from edgekiln.ir import Graph
-from edgekiln.ir.builder import GraphBuilder
 from edgekiln.targets.base import TargetResult
 from edgekiln.targets.onnxruntime import cpu_has_vnni, run_onnxruntime
 
 
-def _edgekiln_graph() -> tuple[Graph, np.ndarray]:
-    """The quantized graph to benchmark and its float calibration batch (N, C, H, W).
+def _trained_models(d: Path) -> tuple[Graph, Path, np.ndarray, np.ndarray, np.ndarray]:
+    """Train the default small CNN on MNIST-5k: float (2 epochs), then edgekiln QAT (1 epoch).
 
-    TODO(lead): replace with ``edgekiln.capture(qat_model, example)`` once capture lands; keep
-    returning the calibration batch the PTQ baseline calibrates on.
+    Returns the captured QAT graph, the float model as an fp32 ONNX file (torch's exporter),
+    a calibration batch from the training set for ORT's PTQ, and the test set (x, y).
     """
-    rng = np.random.default_rng(0)
-    calibration = rng.normal(size=(64, 1, 28, 28)).astype(np.float32)
-    b = GraphBuilder(calibration, seed=0, name="small_cnn")
-    t = b.conv(b.input, 16, 3, padding=1, activation="relu")
-    t = b.max_pool(t, 2)
-    t = b.conv(t, 32, 3, padding=1, activation="relu")
-    t = b.max_pool(t, 2)
-    t = b.conv(t, 32, 3, padding=1, groups=32, activation="relu6")
-    t = b.conv(t, 64, 1, activation="relu")
-    t = b.linear(b.flatten(b.mean(t, keepdims=True)), 10)
-    return b.build([t]), calibration
+    import torch
 
+    from edgekiln import Recipe, capture, prepare
+    from edgekiln.models import load_dataset, small_cnn
+    from edgekiln.pipeline.train import TrainConfig, fit
 
-def _evaluation_data() -> tuple[np.ndarray, np.ndarray] | None:
-    """Held-out (x, y) for accuracy; None until the lead wires real data and training."""
-    return None
+    torch.manual_seed(0)
+    data = load_dataset("mnist")
+    float_model = small_cnn()
+    fit(float_model, data.x_train, data.y_train, TrainConfig(epochs=2, lr=2e-3))
+    float_model.eval()
+    fp32 = d / "fp32.onnx"
+    torch.onnx.export(
+        float_model,
+        torch.from_numpy(data.x_train[:1]),
+        str(fp32),
+        dynamo=False,
+        input_names=["input"],
+        output_names=["logits"],
+        opset_version=17,
+        dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}},
+    )
+    prepared = prepare(float_model, torch.from_numpy(data.x_train[:2]), Recipe())
+    fit(prepared, data.x_train, data.y_train, TrainConfig(epochs=1, lr=5e-4, seed=1))
+    graph = capture(prepared.eval())
+    assert data.y_test is not None
+    return graph, fp32, data.x_train[:256], data.x_test, data.y_test
 
 
 def _ort_ptq(float_model: Path, calibration: np.ndarray, out: Path) -> Path:
@@ -99,13 +105,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
 
-    graph, calibration = _edgekiln_graph()
-    evaluation = _evaluation_data()
-    x, y = evaluation if evaluation is not None else (calibration, None)
     with tempfile.TemporaryDirectory(prefix="edgekiln-bench-") as tmp:
         d = Path(tmp)
+        graph, fp32, calibration, x, y = _trained_models(d)
         ours = write_onnx(graph, d / "edgekiln.onnx")
-        fp32 = write_onnx(graph, d / "fp32.onnx", float_model=True)
         ptq = _ort_ptq(fp32, calibration, d / "ort_ptq.onnx")
         common = {"runs": args.runs, "warmup": args.warmup, "threads": args.threads}
         results: dict[str, TargetResult] = {
@@ -140,8 +143,6 @@ def _print_table(results: dict[str, TargetResult], threads: int) -> None:
             f"{name:26s} {lat.median_ms:10.4f} {lat.p90_ms:8.4f} {lat.median_ms / base:8.2f} "
             f"{agree:11.4f} {acc:>9s}  {','.join(kernels) or '-'}"
         )
-    if results["fp32"].accuracy is None:
-        print("accuracy: not wired yet (return (x, y) from _evaluation_data())")
 
 
 if __name__ == "__main__":

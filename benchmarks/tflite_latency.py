@@ -19,24 +19,25 @@ import numpy as np
 
 from edgekiln.exporters.tflite import write_tflite
 from edgekiln.ir import Graph
-from edgekiln.ir.builder import GraphBuilder
 from edgekiln.targets.litert import run_litert
 from edgekiln.targets.tflm import run_tflm
 
 
 def _graph() -> Graph:
-    """The benchmarked model: 3 convs + max pool + linear on 1x28x28 (MNIST-shaped).
+    """The benchmarked model: the default small CNN (edgekiln.models.small_cnn, 1x28x28),
+    prepared and calibrated on 256 MNIST images and captured. Latency depends on the structure
+    and the kernels, not on training, so calibration is enough here."""
+    import torch
 
-    The hook the lead switches to the captured default CNN.
-    """
-    rng = np.random.default_rng(0)
-    b = GraphBuilder(rng.normal(0, 1, (8, 1, 28, 28)).astype(np.float32), seed=0, name="cnn")
-    x = b.conv(b.input, 16, 3, padding=1, activation="relu")
-    x = b.max_pool(x, 2)
-    x = b.conv(x, 32, 3, padding=1, activation="relu")
-    x = b.max_pool(x, 2)
-    x = b.conv(x, 32, 3, padding=1, activation="relu")
-    return b.build([b.linear(b.flatten(x), 10)])
+    from edgekiln import capture, prepare
+    from edgekiln.models import load_dataset, small_cnn
+    from edgekiln.pipeline.train import calibrate
+
+    torch.manual_seed(0)
+    x = load_dataset("mnist").x_train[:256]
+    prepared = prepare(small_cnn().eval(), torch.from_numpy(x[:2]))
+    calibrate(prepared, x)
+    return capture(prepared.eval())
 
 
 def main() -> None:
