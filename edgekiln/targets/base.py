@@ -69,6 +69,24 @@ class TargetResult:
         return (self.output_scale * (self.outputs.astype(np.float32) - zp)).astype(np.float32)
 
 
+def check_labels(y: np.ndarray | None, n: int) -> np.ndarray | None:
+    """``y`` as ``n`` integer class labels, checked before any runtime starts (None passes).
+
+    >>> check_labels(np.array([0, 2]), 2)
+    array([0, 2])
+    """
+    if y is None:
+        return None
+    labels = np.asarray(y)
+    if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(
+            f"labels y have shape {labels.shape} and dtype {labels.dtype}; y must be {n} "
+            f"integer class labels of shape ({n},), one per sample of x (e.g. "
+            "y.astype(np.int64)), or no y"
+        )
+    return labels
+
+
 class IsolatedRunError(RuntimeError):
     """A runtime's child process crashed, hung or raised; the message says which."""
 

@@ -39,7 +39,13 @@ from typing import Any
 import numpy as np
 
 from edgekiln.formats.tflite import TfliteModel, TfliteTensor, check_tflite
-from edgekiln.targets.base import IsolatedRunError, Latency, TargetResult, run_isolated
+from edgekiln.targets.base import (
+    IsolatedRunError,
+    Latency,
+    TargetResult,
+    check_labels,
+    run_isolated,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -179,15 +185,7 @@ def prepare_run(
         )
     x = np.asarray(x)
     xb = input_batch(model.tensors[model.inputs[0]], x, path.name)
-    labels = None
-    if y is not None:
-        labels = np.asarray(y)
-        if labels.shape != (xb.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
-            raise ValueError(
-                f"labels y have shape {labels.shape} and dtype {labels.dtype}; expected "
-                f"integer class indices of shape ({xb.shape[0]},), one per sample of x"
-            )
-    return path, model, xb, labels
+    return path, model, xb, check_labels(y, xb.shape[0])
 
 
 def input_layout(x: np.ndarray, xb: np.ndarray) -> str:

@@ -64,7 +64,13 @@ from typing import Any
 
 import numpy as np
 
-from edgekiln.targets.base import IsolatedRunError, Latency, TargetResult, run_isolated
+from edgekiln.targets.base import (
+    IsolatedRunError,
+    Latency,
+    TargetResult,
+    check_labels,
+    run_isolated,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +148,7 @@ def run_onnxruntime(
     feed = _prepare_input(np.asarray(x), inp)
     if feed.shape[0] == 0:
         raise ValueError(f"x has shape {np.shape(x)}: an empty batch; pass at least one sample")
-    labels = _check_labels(y, feed.shape[0])
+    labels = check_labels(y, feed.shape[0])
 
     options = {
         "threads": threads,
@@ -354,17 +360,6 @@ def _match_layout(x: np.ndarray, inp: _Boundary) -> np.ndarray:
         f"x has shape {x.shape}; model input {inp.name!r} expects {want} (or the same in "
         "PyTorch's channels-first layout); reshape the data to one of them"
     )
-
-
-def _check_labels(y: np.ndarray | None, n: int) -> np.ndarray | None:
-    if y is None:
-        return None
-    y = np.asarray(y)
-    if y.ndim != 1 or y.shape[0] != n or not np.issubdtype(y.dtype, np.integer):
-        raise ValueError(
-            f"y must be {n} integer class labels of shape ({n},), got {y.dtype} {y.shape}"
-        )
-    return y
 
 
 def _top1(outputs: np.ndarray, labels: np.ndarray | None) -> float | None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from edgekiln.formats.tflite import TfliteModel
-from edgekiln.targets.base import Latency, TargetResult
+from edgekiln.targets.base import Latency, TargetResult, check_labels
 from edgekiln.targets.mcu.boards import BOARDS, Board, get_board
 from edgekiln.targets.mcu.compare import LayerComparison, compare_layers, compare_results
 from edgekiln.targets.mcu.interpreter import SUPPORTED_OPS, SimResult, SimulationError, simulate
@@ -72,7 +72,7 @@ def run_mcu(
 
     model = check_tflite(path)
     xq, layout = _prepare_input(model, x)
-    labels = _check_labels(y, xq.shape[0])
+    labels = check_labels(y, xq.shape[0])
     sim = simulate(model, xq, keep_intermediates=keep_intermediates)
     out_t = model.tensor(model.outputs[0])
     outputs = _to_pytorch_layout(sim.output, layout)
@@ -124,19 +124,6 @@ def run_mcu(
         latency=Latency(total_ms, total_ms, runs=0, warmup=0, threads=1, estimated=True),
         details=details,
     )
-
-
-def _check_labels(y: np.ndarray | None, n: int) -> np.ndarray | None:
-    """``y`` as ``n`` integer class labels (before any work is done), or None."""
-    if y is None:
-        return None
-    labels = np.asarray(y)
-    if labels.ndim != 1 or labels.shape[0] != n or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(
-            f"y must be {n} integer class labels of shape ({n},), got {labels.dtype} "
-            f"{labels.shape}; pass class ids (e.g. y.astype(np.int64)) or no y"
-        )
-    return labels
 
 
 def _prepare_input(model: TfliteModel, x: np.ndarray) -> tuple[np.ndarray, str]:
