@@ -190,7 +190,7 @@ class _Run:
         return build_model(self.config.model.source, self.config.model.kwargs)
 
     def _float_stage(self, data: Any) -> nn.Module:
-        from edgekiln.pipeline.train import TrainConfig, fit
+        from edgekiln.pipeline.train import TrainConfig
 
         model = self._model(data)
         _check_forward(model, self.input_shape, self.config.model.source)
@@ -203,26 +203,21 @@ class _Run:
         first = self._restore(ckpt, model, optimizer, "float")
         losses = list(self.state.facts.get("float_loss", []))
         if train.float_epochs > first:
-            steps = _steps(len(data.x_train), train.batch_size)
-            self.progress.start("float training", (train.float_epochs - first) * steps)
 
             def saved(epoch: int, loss: float) -> None:
                 losses.append(loss)
                 self.state.facts["float_loss"] = losses
                 self._checkpoint(ckpt, model, optimizer, "float", epoch + 1)
 
-            fit(
-                wrap(model, self.ctx),
-                data.x_train,
-                data.y_train,
+            self._train(
+                model,
+                data,
+                optimizer,
+                "float training",
                 TrainConfig(train.float_epochs, train.batch_size, train.lr, train.seed),
-                loss=self._loss(),
-                optimizer=optimizer,
-                first_epoch=first,
-                on_step=lambda e, s, n, v: self.progress.advance(1, f"loss {v:.3f}"),
-                on_epoch_end=saved,
+                first,
+                saved,
             )
-            self.progress.finish()
             sync_from_main(model, self.ctx)  # BatchNorm statistics are rank-local until here
         elif not ckpt.exists():
             self._checkpoint(ckpt, model, optimizer, "float", 0)
@@ -252,7 +247,7 @@ class _Run:
         With ``ckpt`` every epoch is checkpointed and a resumed run starts after the last one.
         """
         from edgekiln.pipeline.constraints import start_qat
-        from edgekiln.pipeline.train import TrainConfig, calibrate, fit
+        from edgekiln.pipeline.train import TrainConfig, calibrate
 
         train = self.config.train
         optimizer = torch.optim.Adam(prepared.parameters(), lr=train.qat_lr)
@@ -280,20 +275,38 @@ class _Run:
             start_qat(prepared)  # resumed in the QAT phase (idempotent)
         if epochs > first:
             label = "prune, then QAT" if prune_epochs else "QAT fine-tuning"
-            steps = _steps(len(data.x_train), train.batch_size)
-            self.progress.start(label if stage == "qat" else stage, (epochs - first) * steps)
-            fit(
-                wrap(prepared, self.ctx),
-                data.x_train,
-                data.y_train,
-                TrainConfig(epochs, train.batch_size, train.qat_lr, train.seed + 1),
-                loss=self._loss(),
-                optimizer=optimizer,
-                first_epoch=first,
-                on_step=lambda e, s, n, v: self.progress.advance(1, f"loss {v:.3f}"),
-                on_epoch_end=saved,
+            config = TrainConfig(epochs, train.batch_size, train.qat_lr, train.seed + 1)
+            self._train(
+                prepared, data, optimizer, label if stage == "qat" else stage, config, first, saved
             )
-            self.progress.finish()
+
+    def _train(
+        self,
+        model: nn.Module,
+        data: Any,
+        optimizer: Any,
+        label: str,
+        config: Any,
+        first: int,
+        on_epoch_end: Any,
+    ) -> None:
+        """One training phase from epoch ``first`` on, with a progress bar (DDP-wrapped)."""
+        from edgekiln.pipeline.train import fit
+
+        steps = _steps(len(data.x_train), config.batch_size)
+        self.progress.start(label, (config.epochs - first) * steps)
+        fit(
+            wrap(model, self.ctx),
+            data.x_train,
+            data.y_train,
+            config,
+            loss=self._loss(),
+            optimizer=optimizer,
+            first_epoch=first,
+            on_step=lambda e, s, n, v: self.progress.advance(1, f"loss {v:.3f}"),
+            on_epoch_end=on_epoch_end,
+        )
+        self.progress.finish()
 
     def _prune_then_qat(self) -> bool:
         return str(getattr(self.config.recipe().sparsity_mode, "value", "")) == "prune_then_qat"
