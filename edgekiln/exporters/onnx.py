@@ -132,7 +132,8 @@ def _lower_0d_convs(graph: Graph) -> Graph:
             ops.append(op)
             continue
         weight = graph.tensor(op.inputs[1])
-        assert weight.data is not None  # graph.validate() checked constants
+        if weight.data is None:
+            raise GraphError(f"conv op {op.name!r}: weight {weight.name!r} is not a constant")
         groups = int(op.attrs["groups"])
         c_out, c_in_group = weight.data.shape
         dense = np.zeros((c_out, c_in_group * groups), dtype=np.int8)  # (C_out, C_in) int8

@@ -751,6 +751,14 @@ def _describe(module: nn.Module, name: str) -> str:
     return f"{cls.__name__}.{name}"
 
 
+def _registered(module: nn.Module, name: str) -> nn.ModuleList:
+    """The parametrization list of ``module.<name>`` just registered (never missing)."""
+    plist = _plist(module, name)
+    if plist is None:
+        raise RuntimeError(f"parametrization of {type(module).__name__}.{name} did not register")
+    return plist
+
+
 def _plist(module: nn.Module, name: str) -> nn.ModuleList | None:
     if not parametrize.is_parametrized(module, name):
         return None
@@ -868,8 +876,7 @@ def constrain(module: nn.Module, *constraints: Constraint, name: str = "weight")
         parametrize.register_parametrization(
             module, name, built, unsafe=not isinstance(constraint, Transform)
         )
-        plist = _plist(module, name)
-        assert plist is not None  # registered just above
+        plist = _registered(module, name)
         index = len(plist) - 1
         with torch.no_grad():
             built.project(_stored(plist), functools.partial(_chain_value, plist, index))
@@ -890,8 +897,7 @@ def _mask_bias(module: nn.Module, name: str, prune: _PruneModule) -> None:
         return
     built = _ChannelBiasMask(prune)
     parametrize.register_parametrization(module, "bias", built, unsafe=True)
-    plist = _plist(module, "bias")
-    assert plist is not None  # registered just above
+    plist = _registered(module, "bias")
     with torch.no_grad():
         built.project(_stored(plist), functools.partial(_chain_value, plist, len(plist) - 1))
     _remember_version(module, "bias")

@@ -286,7 +286,9 @@ class _FakeQuantizePerTensor(torch.autograd.Function):
         return clamped.mul_(scale)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None, None]:  # type: ignore[override]
+    def backward(  # type: ignore[override]
+        ctx: Any, grad: Tensor
+    ) -> tuple[Tensor, None, None, None, None]:
         (outside,) = ctx.saved_tensors
         return grad.masked_fill(outside, 0.0), None, None, None, None
 
