@@ -96,6 +96,20 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument(f"--{name}", type=float, help=help_)
     c.set_defaults(func=_cmd_check)
 
+    m = sub.add_parser("compare", help="layer by layer: where two targets' int8 results part")
+    m.add_argument("artifacts", nargs="+", type=Path, help=".onnx and/or .tflite files")
+    m.add_argument("--data", type=Path, required=True, help=".npz with float x_test")
+    m.add_argument(
+        "--target",
+        action="append",
+        dest="targets",
+        required=True,
+        help="exactly two: onnxruntime | litert | tflm | mcu:BOARD",
+    )
+    m.add_argument("--samples", type=int, default=16, help="samples to compare (default 16)")
+    m.add_argument("--json", type=Path, help="write the per-layer comparison here")
+    m.set_defaults(func=_cmd_compare)
+
     t = sub.add_parser("targets", help="list the targets and board profiles")
     t.add_argument("--json", action="store_true", help="as JSON")
     t.set_defaults(func=_cmd_targets)
@@ -247,20 +261,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         target_entry,
     )
 
-    for path in args.artifacts:
-        if not path.is_file():
-            raise FileNotFoundError(f"artifact {str(path)!r} does not exist")
-    artifacts: dict[str, Path] = {}
-    for path in args.artifacts:
-        fmt = {".onnx": "onnx", ".tflite": "tflite"}.get(path.suffix.lower())
-        if fmt is None:
-            raise ValueError(f"artifact {str(path)!r}: use a .onnx or .tflite file")
-        if fmt in artifacts:
-            raise ValueError(f"two {fmt} artifacts given ({artifacts[fmt]}, {path}); pass one")
-        artifacts[fmt] = path
-    for name in args.targets:
-        if artifact_format(name) not in artifacts and name in ("onnxruntime", "litert", "tflm"):
-            raise ValueError(f"target {name!r} needs a .{artifact_format(name)} artifact")
+    artifacts = _artifacts_by_format(args.artifacts, args.targets)
     data = load_npz(args.data)
     bars = _Bars(enabled=True)
     bars.start("validation", len(args.targets))
@@ -346,6 +347,72 @@ def _cmd_check(args: argparse.Namespace) -> int:
     result = check_reports(report, baseline, given or None)  # each given key over the baseline's
     print(format_check(result))
     return int(result.status)
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from edgekiln.ir import atomic_write
+    from edgekiln.models.datasets import load_npz
+    from edgekiln.targets.mcu.compare import compare_results
+    from edgekiln.validate import run_target
+
+    if len(args.targets) != 2:
+        raise ValueError(f"compare takes exactly two --target, got {len(args.targets)}")
+    if args.samples < 1:
+        raise ValueError(f"--samples {args.samples}: compare at least 1 sample")
+    artifacts = _artifacts_by_format(args.artifacts, args.targets)
+    x = load_npz(args.data).x_test[: args.samples]
+    results = []
+    for name in args.targets:
+        result = run_target(
+            name, artifacts[_format_of(name)], x, latency_runs=1, keep_intermediates=True
+        )
+        if not result.ok and result.outputs is None:
+            print(f"edgekiln compare: {name} failed: {result.error}", file=sys.stderr)
+            return EXIT_FAIL
+        results.append(result)
+    comparison = compare_results(*results)
+    a, b = args.targets
+    print(f"{a} vs {b}, {len(x)} samples, per tensor in execution order")
+    print(f"{'tensor':<32} {'values':>9} {'differ':>8} {'max LSB':>8}  histogram (LSB: count)")
+    for d in comparison.layers:
+        hist = ", ".join(f"{k}: {v}" for k, v in sorted(d.histogram.items()))
+        print(f"{d.name:<32} {d.count:>9} {d.mismatches:>8} {d.max_lsb:>8}  {hist}")
+    if comparison.missing:
+        print(f"not in both runs: {', '.join(comparison.missing)}")
+    if comparison.first_divergence is None:
+        print("identical on every compared tensor")
+    else:
+        print(f"first tensor where they part: {comparison.first_divergence}")
+    if args.json:
+        doc = json.dumps(
+            {"a": a, "b": b, "samples": len(x), **comparison.as_dict()}, indent=2, default=str
+        )
+        atomic_write(args.json, lambda f: f.write(doc.encode()))
+    return EXIT_OK
+
+
+def _format_of(target: str) -> str:
+    from edgekiln.validate import artifact_format
+
+    return artifact_format(target)
+
+
+def _artifacts_by_format(paths: list[Path], targets: list[str]) -> dict[str, Path]:
+    """The given artifacts by format; every target must find the format it runs."""
+    artifacts: dict[str, Path] = {}
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(f"artifact {str(path)!r} does not exist")
+        fmt = {".onnx": "onnx", ".tflite": "tflite"}.get(path.suffix.lower())
+        if fmt is None:
+            raise ValueError(f"artifact {str(path)!r}: use a .onnx or .tflite file")
+        if fmt in artifacts:
+            raise ValueError(f"two {fmt} artifacts given ({artifacts[fmt]}, {path}); pass one")
+        artifacts[fmt] = path
+    for name in targets:
+        if name in ("onnxruntime", "litert", "tflm") and _format_of(name) not in artifacts:
+            raise ValueError(f"target {name!r} needs a .{_format_of(name)} artifact")
+    return artifacts
 
 
 def _cmd_targets(args: argparse.Namespace) -> int:

@@ -38,30 +38,35 @@ def run_target(
     boards: Mapping[str, Any] | None = None,
     kernels: str = "cmsis-nn",
     latency_runs: int = 50,
+    keep_intermediates: bool = False,
 ) -> TargetResult:
     """Run ``artifact`` on the target called ``name`` and return its result.
 
     ``boards`` maps user-defined board names to ``Board`` objects (recipe boards); built-in
-    boards need no entry. An unknown name raises ValueError listing the target names.
+    boards need no entry. ``keep_intermediates`` returns every tensor in
+    ``details["intermediates"]`` (for layer-by-layer comparison). An unknown name raises
+    ValueError listing the target names.
     """
+    keep = keep_intermediates
     if name == "onnxruntime":
         from edgekiln.targets.onnxruntime import run_onnxruntime
 
-        return run_onnxruntime(artifact, x, y, runs=latency_runs)
+        return run_onnxruntime(artifact, x, y, runs=latency_runs, keep_intermediates=keep)
     if name == "litert":
         from edgekiln.targets.litert import run_litert
 
-        return run_litert(artifact, x, y, runs=max(1, latency_runs))  # it needs >= 1 run
+        # it needs >= 1 timed run
+        return run_litert(artifact, x, y, runs=max(1, latency_runs), keep_intermediates=keep)
     if name == "tflm":
         from edgekiln.targets.tflm import run_tflm
 
-        return run_tflm(artifact, x, y, runs=min(max(1, latency_runs), 20))
+        return run_tflm(artifact, x, y, runs=min(max(1, latency_runs), 20), keep_intermediates=keep)
     if name.startswith("mcu:"):
         from edgekiln.targets.mcu import run_mcu
 
         board_name = name[4:]
         board = (boards or {}).get(board_name, board_name)
-        return run_mcu(artifact, x, y, board=board, kernels=kernels)
+        return run_mcu(artifact, x, y, board=board, kernels=kernels, keep_intermediates=keep)
     raise ValueError(
         f"unknown target {name!r}: use one of {', '.join(RUNTIMES)} or mcu:BOARD "
         "(`edgekiln targets` lists the boards)"

@@ -125,3 +125,39 @@ def test_bad_recipe_exits_2_with_the_key_named(tmp_path):
 def test_resume_refuses_out(argv, capsys):
     assert main(argv) == 2
     assert "--resume DIR takes the recipe and directory of that run" in capsys.readouterr().err
+
+
+def test_compare_names_the_first_layer_where_targets_part(digits_run, tmp_path, capsys):
+    from sklearn.datasets import load_digits
+
+    out, _ = digits_run
+    digits = load_digits()
+    np.savez(tmp_path / "d.npz", x_test=(digits.images[:8] / 16.0).astype(np.float32)[:, None])
+    args = [str(out / "model.tflite"), "--data", str(tmp_path / "d.npz"), "--samples", "4"]
+    assert (
+        main(
+            [
+                "compare",
+                *args,
+                "--target",
+                "tflm",
+                "--target",
+                "mcu:rp2040",
+                "--json",
+                str(tmp_path / "c.json"),
+            ]
+        )
+        == 0
+    )
+    assert "identical on every compared tensor" in capsys.readouterr().out
+    doc = json.loads((tmp_path / "c.json").read_text())
+    assert doc["first_divergence"] is None and len(doc["layers"]) >= 5
+    code = main(
+        ["compare", str(out / "model.onnx"), *args, "--target", "onnxruntime", "--target", "tflm"]
+    )
+    assert code == 0
+    text = capsys.readouterr().out
+    # ONNX Runtime rounds in float, TFLM in fixed point: they part at some tensor, by 1-2 LSB
+    assert "first tensor where they part:" in text or "identical" in text
+    assert main(["compare", *args, "--target", "tflm"]) == 2
+    assert "exactly two --target" in capsys.readouterr().err
