@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -265,13 +266,16 @@ def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSpec)
 
 
 class _FakeQuantizePerTensor(torch.autograd.Function):
-    """``torch.fake_quantize_per_tensor_affine``'s arithmetic, in about half its time on CPU.
+    """``torch.fake_quantize_per_tensor_affine``'s arithmetic, in a fraction of its time on CPU.
 
     Its kernel computes ``zero_point + nearbyint(x * (1.0f / scale))``, clamps, and returns
     ``(q - zero_point) * scale``, all in float32; these ops do the same (``torch.round`` rounds
-    half to even, like ``nearbyint``), so the values are identical (tests pin it). The gradient
-    passes where the unclamped ``q`` lies in ``[qmin, qmax]``, as there. Measured on a
-    (64, 16, 28, 28) activation, forward and backward: 8.3 ms against 17 ms on one thread.
+    half to even, like ``nearbyint``), so the values are identical (tests pin it), in four
+    in-place passes over one new tensor. The gradient passes where the unclamped ``q`` lies in
+    ``[qmin, qmax]``, as there: that set of ``x`` is an interval (multiplying by a positive
+    float32 and rounding are both monotone), whose float32 ends :func:`_grid_interval` finds
+    exactly, so the backward is one fused ``hardtanh_backward`` pass and nothing activation
+    sized is saved but ``x`` itself.
     """
 
     @staticmethod
@@ -279,18 +283,46 @@ class _FakeQuantizePerTensor(torch.autograd.Function):
         ctx: Any, x: Tensor, scale: Tensor, zero_point: int, qmin: int, qmax: int
     ) -> Tensor:
         # round(x / s) + zp clamped to [qmin, qmax], minus zp, equals round(x / s) clamped to
-        # [qmin - zp, qmax - zp]: integers in float32 are exact. Five passes over x in all.
-        steps = torch.mul(x, torch.reciprocal(scale)).round_()  # (x.shape) float32
-        clamped = steps.clamp(qmin - zero_point, qmax - zero_point)
-        ctx.save_for_backward(clamped != steps)  # outside the grid: no gradient
-        return clamped.mul_(scale)
+        # [qmin - zp, qmax - zp]: integers in float32 are exact.
+        inv_scale = torch.reciprocal(scale)  # float32, shape ()
+        out = torch.mul(x, inv_scale).round_().clamp_(qmin - zero_point, qmax - zero_point)
+        ctx.save_for_backward(x)
+        ctx.interval = _grid_interval(float(inv_scale), qmin - zero_point, qmax - zero_point)
+        return out.mul_(scale)
 
     @staticmethod
     def backward(  # type: ignore[override]
         ctx: Any, grad: Tensor
     ) -> tuple[Tensor, None, None, None, None]:
-        (outside,) = ctx.saved_tensors
-        return grad.masked_fill(outside, 0.0), None, None, None, None
+        (x,) = ctx.saved_tensors
+        below, above = ctx.interval  # gradient where below < x < above
+        return torch.ops.aten.hardtanh_backward(grad, x, below, above), None, None, None, None
+
+
+def _grid_interval(inv_scale: float, lo: int, hi: int) -> tuple[float, float]:
+    """The float32 ``(below, above)`` with ``lo <= rint(f32(x * inv_scale)) <= hi`` exactly for
+    ``below < x < above``: the largest float32 under the interval and the smallest over it.
+
+    >>> _grid_interval(1.0, -2, 2)  # x in [-2.5, 2.5]: rint(-2.5) = -2, rint(2.5) = 2
+    (-2.500000238418579, 2.500000238418579)
+    """
+    inv = np.float32(inv_scale)
+
+    def step(x: np.float32) -> float:
+        return float(np.rint(np.float32(x * inv)))
+
+    def edge(target: float, inside: Callable[[float], bool], outward: float) -> np.float32:
+        x = np.float32(target / float(inv))  # within a few float32 steps of the edge
+        while inside(step(x)):
+            x = np.nextafter(x, np.float32(outward))
+        while not inside(step(x)):
+            x = np.nextafter(x, np.float32(-outward))
+        return np.nextafter(x, np.float32(outward))  # first x outside, on that side
+
+    with np.errstate(over="ignore"):
+        below = edge(lo - 0.5, lambda q: q >= lo, -np.inf)
+        above = edge(hi + 0.5, lambda q: q <= hi, np.inf)
+    return float(below), float(above)
 
 
 def bias_steps(bias: Tensor, input_scale: Tensor, weight_scale: Tensor) -> tuple[Tensor, Tensor]:
