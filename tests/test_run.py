@@ -84,11 +84,25 @@ def test_user_model_and_npz_through_a_recipe(tmp_path, monkeypatch):
         "data": {"source": "data.npz"},
         "train": {"float_epochs": 5, "qat_epochs": 1, "lr": 0.01},
         "export": {"formats": ["tflite"]},
-        "targets": {"names": ["mcu:rp2040"]},
+        "targets": {
+            "names": ["mcu:rp2040", "mcu:my-m4"],
+            "boards": [
+                {
+                    "name": "my-m4",
+                    "core": "cortex-m4",
+                    "clock_hz": 48_000_000,
+                    "sram_bytes": 32 * 1024,
+                    "flash_bytes": 128 * 1024,
+                }
+            ],
+        },
     }
     report = run(parse_config(doc, tmp_path), prepare_run_dir(tmp_path / "out"))
-    assert report["targets"][0]["ok"]
+    assert all(t["ok"] for t in report["targets"])
     assert report["model"]["input_shape"] == [1, 3, 4]
+    mine = report["targets"][1]  # a board of the recipe's own, simulated like the built-in ones
+    assert mine["name"] == "mcu:my-m4" and mine["board"]["clock_hz"] == 48_000_000
+    assert mine["latency_kind"] == "estimated" and mine["arena_bytes"] < 32 * 1024
 
     doc["model"] = {"source": "usernet:broken"}
     with pytest.raises(ConfigError, match="usernet:broken.*raised RuntimeError: no weights here"):
