@@ -57,3 +57,46 @@ def quantization_error(model: nn.Module, x: np.ndarray) -> list[dict[str, Any]]:
             h.remove()
         model.train(was_training)
     return rows
+
+
+@torch.no_grad()
+def fake_quant_intermediates(model: nn.Module, graph: Any, x: np.ndarray) -> dict[str, np.ndarray]:
+    """Every quantized tensor of a prepared model on ``x``, as the graph's int8 values.
+
+    Keys are the graph's tensor names (``graph`` is ``capture(model)``), values int8 arrays in
+    PyTorch's layout, batch first: the fake-quantized model's side of a layer-by-layer
+    comparison with any runtime (``edgekiln.targets.mcu.compare``). Outputs of ops that only
+    move values (max pool, reshape, pad, concatenation) have no quantizer of their own and are
+    left out, as is a tensor whose channels ``capture`` removed (pruned filters).
+    """
+    nodes = graph.metadata.get("fx_nodes", {})
+    by_name = {node.name: node for node in model.graph.nodes}  # type: ignore[union-attr]
+    modules = dict(model.named_modules())
+    captured: dict[str, np.ndarray] = {}
+    hooks = []
+    for tensor_name, node_name in nodes.items():
+        node = by_name.get(node_name)
+        if node is None or node.op != "call_module":
+            continue
+
+        def keep(
+            module: nn.Module, inputs: Any, out: torch.Tensor, name: str = tensor_name
+        ) -> None:
+            captured[name] = out.detach().float().numpy()
+
+        hooks.append(modules[str(node.target)].register_forward_hook(keep))
+    was_training = model.training
+    model.eval()
+    try:
+        model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    values = {}
+    for name, real in captured.items():
+        tensor = graph.tensors.get(name)
+        if tensor is None or tensor.quant is None or tuple(real.shape[1:]) != tensor.shape[1:]:
+            continue
+        values[name] = tensor.quant.quantize(real)
+    return values
