@@ -97,14 +97,25 @@ def _parser() -> argparse.ArgumentParser:
     c.set_defaults(func=_cmd_check)
 
     m = sub.add_parser("compare", help="layer by layer: where two targets' int8 results part")
-    m.add_argument("artifacts", nargs="+", type=Path, help=".onnx and/or .tflite files")
-    m.add_argument("--data", type=Path, required=True, help=".npz with float x_test")
+    m.add_argument("artifacts", nargs="*", type=Path, help=".onnx and/or .tflite files")
+    m.add_argument(
+        "--run",
+        type=Path,
+        metavar="DIR",
+        help="a run directory: its artifacts, and its trained fake-quant model as one side "
+        "when one --target is given",
+    )
+    m.add_argument(
+        "--data",
+        type=Path,
+        help=".npz with float x_test (default with --run: the run's test set)",
+    )
     m.add_argument(
         "--target",
         action="append",
         dest="targets",
         required=True,
-        help="exactly two: onnxruntime | litert | tflm | mcu:BOARD",
+        help="two targets, or one with --run: onnxruntime | litert | tflm | mcu:BOARD",
     )
     m.add_argument("--samples", type=int, default=16, help="samples to compare (default 16)")
     m.add_argument("--json", type=Path, help="write the per-layer comparison here")
@@ -352,16 +363,38 @@ def _cmd_check(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     from edgekiln.ir import atomic_write
     from edgekiln.models.datasets import load_npz
+    from edgekiln.targets.base import TargetResult
     from edgekiln.targets.mcu.compare import compare_results
     from edgekiln.validate import run_target
 
-    if len(args.targets) != 2:
-        raise ValueError(f"compare takes exactly two --target, got {len(args.targets)}")
+    wanted = 1 if args.run is not None else 2
+    if len(args.targets) not in (wanted, 2):
+        raise ValueError(
+            f"compare takes exactly two --target, or one with --run DIR; got {len(args.targets)}"
+        )
     if args.samples < 1:
         raise ValueError(f"--samples {args.samples}: compare at least 1 sample")
-    artifacts = _artifacts_by_format(args.artifacts, args.targets)
-    x = load_npz(args.data).x_test[: args.samples]
+    paths = list(args.artifacts)
+    if args.run is not None:
+        paths += [p for p in (args.run / "model.tflite", args.run / "model.onnx") if p.is_file()]
+    artifacts = _artifacts_by_format(paths, args.targets)
+    prepared = graph = None
+    if args.run is not None:
+        from edgekiln.run import load_prepared
+
+        prepared, graph, config = load_prepared(args.run)
+    if args.data is not None:
+        x = load_npz(args.data).x_test[: args.samples]
+    elif args.run is not None:
+        x = _run_test_set(config)[: args.samples]
+    else:
+        raise ValueError("compare needs --data DATA.npz (or --run DIR to use the run's test set)")
     results = []
+    if len(args.targets) == 1:
+        from edgekiln.pipeline.diagnostics import fake_quant_intermediates
+
+        ours = fake_quant_intermediates(prepared, graph, x)  # type: ignore[arg-type]
+        results.append(TargetResult("fake_quant", "", ok=True, details={"intermediates": ours}))
     for name in args.targets:
         result = run_target(
             name, artifacts[_format_of(name)], x, latency_runs=1, keep_intermediates=True
@@ -371,7 +404,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
             return EXIT_FAIL
         results.append(result)
     comparison = compare_results(*results)
-    a, b = args.targets
+    a, b = results[0].target, results[1].target
     print(f"{a} vs {b}, {len(x)} samples, per tensor in execution order")
     print(f"{'tensor':<32} {'values':>9} {'differ':>8} {'max LSB':>8}  histogram (LSB: count)")
     for d in comparison.layers:
@@ -389,6 +422,13 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         )
         atomic_write(args.json, lambda f: f.write(doc.encode()))
     return EXIT_OK
+
+
+def _run_test_set(config: Any) -> Any:
+    from edgekiln.models.datasets import load_dataset, load_npz
+
+    data = config.data
+    return (load_dataset(data.source) if data.is_builtin else load_npz(data.source)).x_test
 
 
 def _format_of(target: str) -> str:

@@ -131,6 +131,27 @@ def run(
     return _Run(config, run_dir, state, progress, ctx).go()
 
 
+def load_prepared(run_dir: Path) -> tuple[nn.Module, Any, RunConfig]:
+    """The trained prepared model of a finished run, its graph and its recipe.
+
+    The model is rebuilt from the recipe and ``checkpoints/qat.pt`` (loaded with
+    ``weights_only=True``); the graph is ``graph.npz``.
+    """
+    from edgekiln.pipeline.prepare import prepare
+
+    config = load_run_config_for_resume(run_dir)
+    graph_path = Path(run_dir) / "graph.npz"
+    if not graph_path.is_file():
+        raise RunError(f"{str(run_dir)!r} has no graph.npz: the run did not reach capture")
+    graph = load_graph(graph_path)
+    shape = graph.tensor(graph.inputs[0]).shape[1:]
+    torch.manual_seed(config.train.seed)
+    model = build_model(config.model.source, config.model.kwargs)
+    prepared = prepare(model.eval(), torch.zeros(2, *shape), config.recipe())
+    prepared.load_state_dict(_load_checkpoint(Path(run_dir) / "checkpoints" / "qat.pt")["model"])
+    return prepared.eval(), graph, config
+
+
 def load_run_config_for_resume(run_dir: Path) -> RunConfig:
     """The recipe an interrupted run was started with."""
     state = _load_state(run_dir)

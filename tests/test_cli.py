@@ -161,3 +161,16 @@ def test_compare_names_the_first_layer_where_targets_part(digits_run, tmp_path, 
     assert "first tensor where they part:" in text or "identical" in text
     assert main(["compare", *args, "--target", "tflm"]) == 2
     assert "exactly two --target" in capsys.readouterr().err
+
+
+def test_compare_a_runs_trained_model_with_a_target(digits_run, capsys):
+    out, _ = digits_run
+    assert main(["compare", "--run", str(out), "--target", "mcu:nrf52840", "--samples", "4"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("fake_quant vs mcu:nrf52840, 4 samples")
+    # one rounding per op, in float (PyTorch) or fixed point (the simulator): at most 1 LSB per
+    # tensor, 2 where two such moves meet in the residual add
+    rows = [line.split() for line in text.splitlines()[2:] if line and line[0].isalnum()]
+    assert all(int(r[3]) <= 2 for r in rows if len(r) > 3 and r[3].isdigit())
+    assert main(["compare", "--target", "tflm"]) == 2
+    assert "exactly two --target, or one with --run DIR; got 1" in capsys.readouterr().err
