@@ -310,12 +310,12 @@ class _Writer:
 
     def bias(self, name: str, op: Op, select: slice | None = None, suffix: str = "") -> int:
         data, quant = self.quantized_constant(name, op)  # (C_out,) int32
+        if self.float_model:
+            real = quant.dequantize(data)  # (C_out,) float32, scaled in float64
+            return self.constant(name + suffix, real if select is None else real[select])
         scale = quant.scale  # (C_out,) float32
         if select is not None:
             data, scale = data[select], scale[select]
-        if self.float_model:
-            real = (data.astype(np.float64) * scale.astype(np.float64)).astype(np.float32)
-            return self.constant(name + suffix, real)
         return self.constant(name + suffix, data.astype(np.int32), scale, 0)
 
     def op(

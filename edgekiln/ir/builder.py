@@ -253,10 +253,7 @@ class GraphBuilder:
         tensor = self._tensors[name]
         if tensor.data is None:
             return self._float[name]
-        quant = self._quant(name)
-        if tensor.dtype == DType.INT32:
-            return (tensor.data * quant.scale.astype(np.float64)).astype(np.float32)
-        return quant.dequantize(tensor.data)
+        return self._quant(name).dequantize(tensor.data)
 
     def _quant(self, name: str) -> QParams:
         quant = self._tensors[name].quant

@@ -128,8 +128,15 @@ class QParams:
         return self.axis is not None
 
     def dequantize(self, q: np.ndarray) -> np.ndarray:
-        """Real values of the integer tensor ``q`` (float32)."""
+        """Real values of the integer tensor ``q`` (float32).
+
+        An int32 tensor (a bias) is scaled in float64 and rounded to float32 once: its values
+        need more bits than float32 carries exactly.
+        """
         scale, zero_point = self._broadcast(q.ndim)
+        if q.dtype == np.int32:
+            real = scale.astype(np.float64) * (q.astype(np.float64) - zero_point)
+            return real.astype(np.float32)
         return (scale * (q.astype(np.float32) - zero_point)).astype(np.float32)
 
     def quantize(self, x: np.ndarray, dtype: DType = DType.INT8) -> np.ndarray:

@@ -60,8 +60,6 @@ def _real(graph: Graph, values: dict[str, np.ndarray], name: str) -> np.ndarray:
     q = values[name] if tensor.data is None else tensor.data
     if tensor.quant is None:
         return q.astype(np.float32)
-    if tensor.dtype == DType.INT32:  # bias: scale per channel, zero point 0
-        return (q.astype(np.float64) * tensor.quant.scale.astype(np.float64)).astype(np.float32)
     return tensor.quant.dequantize(q)
 
 
