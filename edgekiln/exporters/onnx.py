@@ -237,16 +237,7 @@ class _Writer:
         if self.float_model:
             return name
         scale, zero_point = self._qparams(name)
-        dq = self._dq_name(name, consumer)
-        self.nodes.append(
-            helper.make_node(
-                "DequantizeLinear",
-                [name, scale, zero_point],
-                [dq],
-                name=f"{dq}/DequantizeLinear",
-            )
-        )
-        return dq
+        return self._dequantize(name, scale, zero_point, self._dq_name(name, consumer))
 
     def _constant(self, name: str, consumer: Op) -> str:
         """A weight or bias: int8/int32 initializer behind a per-axis DequantizeLinear."""
@@ -258,17 +249,21 @@ class _Writer:
             quant = self._bias_qparams(consumer, name)
         if self.float_model:
             if name not in self.inits:
-                real = quant.dequantize(tensor.data) if tensor.dtype == DType.INT8 else None
-                if real is None:  # int32 bias: scale * q in float64 before rounding to float32
-                    real = (tensor.data * quant.scale.astype(np.float64)).astype(np.float32)
-                self.inits[name] = numpy_helper.from_array(real.astype(np.float32), name)
+                real = quant.dequantize(tensor.data)  # (int32 biases in float64)
+                self.inits[name] = numpy_helper.from_array(real, name)
             return name
         self.inits.setdefault(name, numpy_helper.from_array(tensor.data, name))
         zp_dtype = np.int8 if tensor.dtype == DType.INT8 else np.int32
         scale = self._init(f"{name}_scale", quant.scale.astype(np.float32))  # (C,) float32
         zero_point = self._init(f"{name}_zero_point", quant.zero_point.astype(zp_dtype))  # (C,)
-        out = self._dq_name(name, consumer)
-        attrs: dict[str, Any] = {"axis": quant.axis} if quant.is_per_channel else {}
+        axis = quant.axis if quant.is_per_channel else None
+        return self._dequantize(name, scale, zero_point, self._dq_name(name, consumer), axis)
+
+    def _dequantize(
+        self, name: str, scale: str, zero_point: str, out: str, axis: int | None = None
+    ) -> str:
+        """Append ``out = DequantizeLinear(name, scale, zero_point)`` (per axis when given)."""
+        attrs: dict[str, Any] = {} if axis is None else {"axis": axis}
         self.nodes.append(
             helper.make_node(
                 "DequantizeLinear",
