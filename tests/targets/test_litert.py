@@ -31,9 +31,8 @@ FAST = {"runs": 3, "warmup": 1}
 
 
 @pytest.fixture(scope="module")
-def artifacts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("litert")
-    return {name: write_tflite(case_graph(name), root / f"{name}.tflite") for name in CASES}
+def artifacts(tflite_case_artifacts):
+    return tflite_case_artifacts
 
 
 @pytest.mark.parametrize("name", list(CASES))
