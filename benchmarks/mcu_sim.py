@@ -1,6 +1,6 @@
 """Simulator vs TFLM on the host: throughput on one batch, arena planned vs measured, latency.
 
-Run: .venv/bin/python -m benchmarks.mcu_sim [--batch 256] [--graphs]
+Run: ``.venv/bin/python benchmarks/mcu_sim.py [--batch 256] [--graphs]``
 
 Models (default ``--captured``): the registered MLPerf Tiny reference models
 (``edgekiln.models``: resnet8, ds_cnn, mobilenet_v1_025, fc_autoencoder) prepared with the
@@ -24,11 +24,16 @@ interpreter state of a 32-bit MCU.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+# The stand-in graphs and the TFLM child live with the tests; run as a file, the repository
+# root is not on the path by itself.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edgekiln.exporters.tflite import write_tflite
 from edgekiln.formats.tflite import read_tflite
