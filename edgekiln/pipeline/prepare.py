@@ -46,10 +46,16 @@ So the output scale of a conv or linear is kept at or above its coarsest accumul
 ``input_scale * max_c weight_scale[c]`` (every requantization multiplier <= 1): an int32
 accumulator moves in steps of ``input_scale * weight_scale[c]``, so an output step finer than
 the coarsest of them only buys resolution for the other channels, and a live layer's range
-spans thousands of such steps (the floor binds only for dead or nearly dead outputs). An add's
-output scale is kept at or above ``max(input scales) / 128`` (input-to-output multipliers
-<= 128, half of XNNPACK's 256: a sum has no accumulator step to argue from). The model input
-keeps ``MIN_SCALE`` for a zero range (an all-zero input has no producer to take a step from).
+spans thousands of such steps (the floor binds only for dead or nearly dead outputs).
+
+An add's output scale is kept at or above ``(s_a + s_b) / 127``. LiteRT's builtin int8 ADD
+holds the requantized sum plus the output zero point in int16 and wraps past it (measured: an
+all-negative residual into a ReLU gave 127 for -128, 255 LSB off). Two int8 inputs span at most
+``255 * (s_a + s_b)``, so the floor keeps that sum within ``32767 - 128`` output steps, and it
+keeps every input-to-output multiplier at or below 128, half of XNNPACK's limit of 256. It binds
+only where the output range is under about 1% of the inputs' ranges (a ReLU after an add that
+is negative on the calibration data). The model input keeps ``MIN_SCALE`` for a zero range (an
+all-zero input has no producer to take a step from).
 
 ``recipe.sparsity_mode = "prune_then_qat"`` starts the model with fake-quantization off (the
 pruning phase); ``edgekiln.pipeline.constraints.start_qat(model)`` freezes the masks and turns
@@ -104,8 +110,9 @@ logger = logging.getLogger(__name__)
 
 SOFTMAX_SCALE = 1.0 / 256.0
 SOFTMAX_ZERO_POINT = -128
-ADD_MAX_MULTIPLIER = 128.0
-"""Largest input-to-output scale ratio an add's output floor allows (XNNPACK refuses 256)."""
+ADD_INT16_STEPS = 127.0
+"""An add's output scale floor is ``(s_a + s_b) / ADD_INT16_STEPS`` (LiteRT's int16 sum): the
+exact limit is ``(32767 - 128) / 255 = 127.996``, less a margin for float32 rounding."""
 
 
 class ActivationQuant(nn.Module):
@@ -226,7 +233,7 @@ class _AccumulatorStep:
 
 
 class _AddInputStep:
-    """Scale floor of an add's output: ``max(input scales) / ADD_MAX_MULTIPLIER``."""
+    """Scale floor of an add's output: ``sum(input scales) / ADD_INT16_STEPS``."""
 
     def __init__(self, sources: list[ActivationQuant | FixedQuant]) -> None:
         self.sources = sources
@@ -235,7 +242,7 @@ class _AddInputStep:
         scales = [s.qparams()[0].reshape(()) for s in self.sources if _quantizing(s)]
         if not scales:
             return None
-        return torch.stack(scales).max() / ADD_MAX_MULTIPLIER
+        return torch.stack(scales).sum() / ADD_INT16_STEPS
 
 
 def prepare(
