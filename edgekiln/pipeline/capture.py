@@ -18,6 +18,7 @@ graph (the "before" of a size and latency comparison). What was removed is in
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -42,7 +43,7 @@ from edgekiln.ir.transforms import remove_pruned_channels as _remove_pruned_chan
 from edgekiln.pipeline.constraints import weight_quantizer
 from edgekiln.pipeline.ops import Role, classify, unsupported, weighted_layer, where
 from edgekiln.pipeline.prepare import ActivationQuant, FixedQuant, unrounded_bias
-from edgekiln.pipeline.quant import bias_steps
+from edgekiln.pipeline.quant import NON_FINITE_WAY_OUT, FakeQuantizer, bias_steps
 
 INT32_MAX = 2**31 - 1
 
@@ -118,28 +119,70 @@ def _example(model: fx.GraphModule, example_inputs: Any) -> tuple[Tensor, ...]:
 
 
 def _check_observed(model: fx.GraphModule, modules: dict[str, nn.Module]) -> None:
+    """Every quantizer observed, with a finite range and a usable scale, before ShapeProp.
+
+    ShapeProp runs the model's forward, which divides by every activation scale; a quantizer
+    that never observed data, or observed NaN or inf, is named here by its layer instead.
+    """
+    points: list[tuple[str, FakeQuantizer]] = []  # (what it quantizes, quantizer), graph order
+    activations: list[tuple[str, str, FakeQuantizer]] = []  # (its layer, what, quantizer)
     for node in model.graph.nodes:
         info = classify(node, modules)
         if info.role == Role.QUANT and isinstance(info.module, ActivationQuant):
-            if not info.module.quantizer.observed:
-                source = node.args[0] if isinstance(node.args[0], fx.Node) else node
-                raise CaptureError(
-                    f"the output of {where(source)} was never observed, so it has no scale: pass "
-                    "calibration data through the model in training mode (model.train(); "
-                    "model(x)) or fine-tune it before capture"
-                )
+            quantizer = info.module.quantizer
+            if all(quantizer is not q for *_, q in activations):  # one point per shared quantizer
+                what = f"the output of {_site(node)} (quantizer {node.target!r})"
+                activations.append((_site(node), what, quantizer))
+                points.append((what, quantizer))
         if info.role == Role.WEIGHTED:
-            quantizer = weight_quantizer(weighted_layer(node, info))
-            if quantizer is None:
+            weight = weight_quantizer(weighted_layer(node, info))
+            if weight is None:
                 raise CaptureError(
                     f"{where(node)} has no FakeQuant on its weight; edgekiln.prepare adds one "
                     "(a recipe cannot turn weight quantization off)"
                 )
-            if not quantizer.observed:
-                raise CaptureError(
-                    f"the weight of {where(node)} was never observed: run one training forward "
-                    "(model.train(); model(x)) before capture"
-                )
+            points.append((f"the weight of {where(node)}", weight))
+
+    # A NaN or inf range first: calibrating again cannot mend it (min and max keep it).
+    for what, quantizer in points:
+        if quantizer.observed and not quantizer.observer.range_is_finite:
+            raise CaptureError(
+                f"{what} has a non-finite observed range {quantizer.observer.describe_range()}, "
+                f"so no scale. {NON_FINITE_WAY_OUT}"
+            )
+
+    unobserved = [site for site, _, quantizer in activations if not quantizer.observed]
+    if unobserved:
+        shown = "; ".join(unobserved[:3])  # a site may hold commas (its source line)
+        more = f"; and {len(unobserved) - 3} more" if len(unobserved) > 3 else ""
+        raise CaptureError(
+            f"{len(unobserved)} of the model's {len(activations)} activation quantizers never "
+            f"observed data, so they have no scale, at the output of: {shown}{more}. Pass "
+            "calibration data through the model in training mode (edgekiln.calibrate(model, x), "
+            "or model.train(); model(x)) or fine-tune it before capture"
+        )
+    for what, quantizer in points:
+        if not quantizer.observed:  # a weight's (every activation's was observed)
+            raise CaptureError(
+                f"{what} was never observed: run one training forward (model.train(); model(x)) "
+                "before capture"
+            )
+
+    for _, what, quantizer in activations:
+        scale = float(quantizer.qparams()[0])  # float32, shape ()
+        if not 0 < scale < math.inf:  # the range is finite, so the scale floor made it
+            raise CaptureError(
+                f"{what} has scale {scale:.6g} from its scale floor "
+                f"{float(quantizer.scale_floor):.6g} (its observed range "
+                f"{quantizer.observer.describe_range()} is finite): a layer feeding it has a "
+                f"non-finite scale. {NON_FINITE_WAY_OUT}"
+            )
+
+
+def _site(quant_node: fx.Node) -> str:
+    """Where the value an activation quantizer point reads is made: its layer, or the input."""
+    source = quant_node.args[0] if isinstance(quant_node.args[0], fx.Node) else quant_node
+    return where(source)
 
 
 class _Capture:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,7 @@ from torch import Tensor, nn
 __all__ = [
     "ACTIVATION_SPEC",
     "MIN_SCALE",
+    "NON_FINITE_WAY_OUT",
     "WEIGHT_SPEC",
     "FakeQuantizer",
     "MinMaxObserver",
@@ -50,6 +52,13 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+NON_FINITE_WAY_OUT = (
+    "The calibration or training data holds NaN or inf values; clean the data, or lower the "
+    "learning rate if training diverged, then prepare the model again (an observed range keeps "
+    "its NaN or inf)"
+)
+"""The way out of a non-finite observed range, for the errors that meet one."""
 
 MIN_SCALE: float = float(torch.finfo(torch.float32).eps)
 """Smallest scale :func:`compute_qparams` returns (float32 machine epsilon, 2**-23 ≈ 1.19e-07).
@@ -247,6 +256,13 @@ def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSpec)
     Returns:
         A tensor of the shape and dtype of ``x``.
 
+    Raises:
+        ValueError: Per tensor on float32 ``x``, a scale that is not positive and finite (a NaN
+            or inf range gives one). Only that path checks, because it reads the scale on the
+            host anyway; the per-channel and other-dtype paths would pay a device sync for it,
+            so there a NaN or inf scale makes NaN values, which the next float32 per-tensor
+            quantizer (every activation of a prepared model) or ``capture`` refuses.
+
     >>> spec = QuantSpec(4, symmetric=True, narrow_range=True)  # per tensor, [-7, 7]
     >>> fake_quantize(torch.tensor([0.04, 0.26, 9.0]), torch.tensor(0.1),
     ...               torch.tensor(0, dtype=torch.int32), spec).tolist()
@@ -286,8 +302,15 @@ class _FakeQuantizePerTensor(torch.autograd.Function):
         # [qmin - zp, qmax - zp]: integers in float32 are exact.
         inv_scale = torch.reciprocal(scale)  # float32, shape ()
         out = torch.mul(x, inv_scale).round_().clamp_(qmin - zero_point, qmax - zero_point)
+        inv = float(inv_scale)  # the one host read of the scale
+        if not 0.0 < inv < math.inf:  # NaN fails both; _grid_interval would never end
+            raise ValueError(
+                f"fake_quantize needs a positive, finite scale, got scale {float(scale):.6g}: "
+                "compute it from a finite range (compute_qparams); one that held NaN or inf "
+                "gives a scale of nan or inf"
+            )
         ctx.save_for_backward(x)
-        ctx.interval = _grid_interval(float(inv_scale), qmin - zero_point, qmax - zero_point)
+        ctx.interval = _grid_interval(inv, qmin - zero_point, qmax - zero_point)
         return out.mul_(scale)
 
     @staticmethod
@@ -302,6 +325,8 @@ class _FakeQuantizePerTensor(torch.autograd.Function):
 def _grid_interval(inv_scale: float, lo: int, hi: int) -> tuple[float, float]:
     """The float32 ``(below, above)`` with ``lo <= rint(f32(x * inv_scale)) <= hi`` exactly for
     ``below < x < above``: the largest float32 under the interval and the smallest over it.
+
+    ``inv_scale`` must be positive and finite (the caller checks: NaN would search forever).
 
     >>> _grid_interval(1.0, -2, 2)  # x in [-2.5, 2.5]: rint(-2.5) = -2, rint(2.5) = 2
     (-2.500000238418579, 2.500000238418579)
@@ -449,6 +474,28 @@ class Observer(nn.Module):
         """Resume updating the range."""
         self.frozen.fill_(False)
 
+    @property
+    def range_is_finite(self) -> bool:
+        """True when every bound of the range is finite (a host read: not for the hot path).
+
+        An unobserved range (``+inf``, ``-inf``) is not finite; a NaN or inf in the data observed
+        makes a range that is not finite, and it stays so (min and max keep a NaN or an inf).
+        """
+        return bool(torch.isfinite(self.min_val).all() and torch.isfinite(self.max_val).all())
+
+    def describe_range(self) -> str:
+        """The range for a message: ``[min, max]``, over all channels when per channel.
+
+        >>> obs = MinMaxObserver(ACTIVATION_SPEC)
+        >>> obs.observe(torch.tensor([-1.5, float("inf")]))
+        >>> obs.describe_range()
+        '[-1.5, inf]'
+        """
+        text = f"[{_bound(self.min_val.min())}, {_bound(self.max_val.max())}]"
+        if self.min_val.numel() > 1:
+            text += f" over {self.min_val.numel()} channels"
+        return text
+
     def batch_range(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Min and max of ``x``: over all of it, or per channel over every dim but ``spec.axis``."""
         x = x.detach()
@@ -510,6 +557,11 @@ class Observer(nn.Module):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
         self._observed = bool(torch.isfinite(self.min_val).all() and self.min_val.numel() > 0)
+
+
+def _bound(value: Tensor) -> str:
+    """One bound of a range as text: ``-1.5``, ``nan``, ``inf`` (NaN wins over inf)."""
+    return f"{float(value):.6g}"
 
 
 def _all_reduce_range(min_val: Tensor, max_val: Tensor) -> tuple[Tensor, Tensor]:
@@ -609,7 +661,8 @@ class FakeQuantizer(nn.Module):
         freeze_after: Training forwards after which the observer freezes; None never.
 
     Raises:
-        ValueError: ``freeze_after`` not a positive int, or an unknown observer kind.
+        ValueError: ``freeze_after`` not a positive int, or an unknown observer kind; at a
+            forward (per tensor, float32), an observed range that holds NaN or inf.
 
     >>> fq = FakeQuantizer(ACTIVATION_SPEC, observer="minmax")
     >>> fq(torch.tensor([-1.0, 0.3, 3.0])).tolist()  # scale 4/255, zero point -64
@@ -716,4 +769,14 @@ class FakeQuantizer(nn.Module):
                 "data. Calibration data must pass through the model in training mode first."
             )
         scale, zero_point = self.qparams()
-        return fake_quantize(x, scale, zero_point, self.spec)
+        try:
+            return fake_quantize(x, scale, zero_point, self.spec)
+        except ValueError as error:
+            if self.observer.range_is_finite and bool(torch.isfinite(scale).all()):
+                raise
+            floor = f" (scale floor {_bound(self.scale_floor)})" if self._floor_sources else ""
+            raise ValueError(
+                f"FakeQuantizer has no usable scale: it observed the range "
+                f"{self.observer.describe_range()}, which gives scale "
+                f"{_bound(scale.reshape(-1)[0])}{floor}. {NON_FINITE_WAY_OUT}"
+            ) from error

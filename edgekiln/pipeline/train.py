@@ -21,7 +21,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
+
+from edgekiln.pipeline.ops import where
+from edgekiln.pipeline.prepare import ActivationQuant
+from edgekiln.pipeline.quant import FakeQuantizer
 
 
 class Loss(str, enum.Enum):
@@ -112,6 +116,74 @@ def _check_distributed(model: nn.Module, config: TrainConfig, world_size: int) -
         )
 
 
+def _check_not_empty(x: np.ndarray, stage: str, what: str) -> None:
+    n = len(x) if np.ndim(x) else 0
+    if n == 0:
+        raise ValueError(
+            f"{stage}: the {what} set is empty (0 samples, x of shape {tuple(np.shape(x))}): pass "
+            "at least one sample, batch first (x.shape[0] is the number of samples)"
+        )
+
+
+def _forward(
+    model: nn.Module, xb: Tensor, x: np.ndarray, rows: Tensor | slice, stage: str, diverged: str
+) -> Tensor:
+    """``model(xb)``; a fake-quantizer's non-finite range is re-raised naming where it sits.
+
+    ``x[rows]`` is the global batch ``xb`` is this rank's share of, searched for the sample
+    that holds NaN or inf (every rank finds the same one); ``diverged`` is the way out when the
+    batch is finite. Nothing is checked until a forward raises.
+    """
+    try:
+        return model(xb)
+    except ValueError as error:
+        found = _non_finite_quantizers(model)
+        if not found:
+            raise
+        quantizers = f"{len(found)} fake-quantizer{'s' if len(found) > 1 else ''}"
+        shown = "; ".join(found[:3]) + (f"; and {len(found) - 3} more" if len(found) > 3 else "")
+        index = np.arange(len(x))[rows.numpy() if isinstance(rows, Tensor) else rows]
+        values = torch.from_numpy(np.asarray(x[index], dtype=np.float32).reshape(len(index), -1))
+        bad = ~torch.isfinite(values).all(dim=1)  # (B,) bool: what the model saw, as float32
+        if bool(bad.any()):
+            first = int(bad.nonzero()[0])
+            value = float(values[first][~torch.isfinite(values[first])][0])  # nan, inf or -inf
+            cause = (
+                f"Sample {int(index[first])} of x holds {value} ({int(bad.sum())} of this "
+                f"batch's {len(index)} samples hold NaN or inf): clean the data (np.nan_to_num, "
+                "or drop those samples)"
+            )
+        else:
+            cause = f"This batch of x is finite: {diverged}"
+        raise ValueError(
+            f"{stage}: {quantizers} observed a non-finite range, so no scale: {shown}. {cause}, "
+            "then prepare the model again (an observed range keeps its NaN or inf)"
+        ) from error
+
+
+def _non_finite_quantizers(model: nn.Module) -> list[str]:
+    """Each FakeQuantizer whose observed range holds NaN or inf: its module path, its site."""
+    outputs: dict[int, str] = {}  # id(FakeQuantizer) -> the layer whose output it quantizes
+    for gm in model.modules():
+        if isinstance(gm, fx.GraphModule):
+            for node in gm.graph.nodes:
+                module = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+                if isinstance(module, ActivationQuant) and isinstance(node.args[0], fx.Node):
+                    outputs.setdefault(id(module.quantizer), f"the output of {where(node.args[0])}")
+    found = []
+    for path, module in model.named_modules():
+        if isinstance(module, FakeQuantizer) and module.observed:
+            if module.observer.range_is_finite:
+                continue
+            layer, _, parametrized = path.partition(".parametrizations.")
+            site = outputs.get(id(module))
+            if site is None and parametrized:
+                site = f"the {parametrized.split('.')[0]} of layer {layer!r}"
+            at = f", {site}" if site else ""
+            found.append(f"{path!r} ({module.observer.describe_range()}{at})")
+    return found
+
+
 def _per_sample_loss(loss: Loss, output: Tensor, target: Tensor) -> Tensor:
     if loss == Loss.CROSS_ENTROPY:
         return nn.functional.cross_entropy(output, target, reduction="none")
@@ -143,9 +215,12 @@ def fit(
     losses returned and given to ``on_step`` are the global batch's, equal on every rank.
 
     Raises:
-        ValueError: No labels for classification; under torch.distributed, a model not in
-            DistributedDataParallel or a ``batch_size`` the world size does not divide.
+        ValueError: An empty ``x``; no labels for classification; a fake-quantizer that
+            observed NaN or inf (in ``x``, or because training diverged), named by module path;
+            under torch.distributed, a model not in DistributedDataParallel or a
+            ``batch_size`` the world size does not divide.
     """
+    _check_not_empty(x, "fit", "training")
     if loss == Loss.CROSS_ENTROPY and y is None:
         raise ValueError("classification training needs labels y; pass y or use Loss.MSE")
     rank, world_size = _world()
@@ -158,6 +233,10 @@ def fit(
         optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     criterion: nn.Module = nn.CrossEntropyLoss() if loss == Loss.CROSS_ENTROPY else nn.MSELoss()
     steps = max(1, -(-len(xt) // config.batch_size))
+    diverged = (
+        f"training diverged (or the model held NaN or inf before fit); lower the learning rate "
+        f"(TrainConfig.lr={config.lr})"
+    )
     history = []
     model.train()
     for epoch in range(first_epoch, config.epochs):
@@ -165,18 +244,19 @@ def fit(
         order = torch.randperm(len(xt), generator=generator)  # the same on every rank
         total = 0.0
         for step in range(steps):
-            idx = order[step * config.batch_size : (step + 1) * config.batch_size]
+            batch = order[step * config.batch_size : (step + 1) * config.batch_size]  # global
+            idx = batch  # this rank's rows of it
             weight = None
             if world_size > 1:
                 idx, weight = batch_share(idx, rank, world_size)
             xb = xt[idx].to(device)
             target = yt[idx].to(device) if loss == Loss.CROSS_ENTROPY and yt is not None else xb
             optimizer.zero_grad(set_to_none=True)
+            output = _forward(model, xb, x, batch, f"fit, epoch {epoch} step {step}", diverged)
             if weight is None:
-                value = criterion(model(xb), target)
+                value = criterion(output, target)
             else:
-                per_sample = _per_sample_loss(loss, model(xb), target)
-                value = (per_sample * weight.to(device)).sum()
+                value = (_per_sample_loss(loss, output, target) * weight.to(device)).sum()
             value.backward()
             optimizer.step()
             loss_value = _global_loss(value, world_size)
@@ -223,18 +303,27 @@ def calibrate(model: nn.Module, x: np.ndarray, batch_size: int = 256) -> None:
     Under torch.distributed call it on every rank with the whole ``x``: each rank passes its
     share of every batch, and the all-reduced ranges are those of the whole batch, as in one
     process.
+
+    Raises:
+        ValueError: An empty ``x``, or a fake-quantizer that observed NaN or inf (named by its
+            module path, with a sample of ``x`` that holds one).
     """
+    _check_not_empty(x, "calibrate", "calibration")
     rank, world_size = _world()
     device = _device(model)
+    diverged = "the model held NaN or inf before calibrate (a diverged training run?)"
     was_training = model.training
     model.train()
-    with torch.no_grad():
-        for i in range(0, len(x), batch_size):
-            xb = torch.from_numpy(np.ascontiguousarray(x[i : i + batch_size], dtype=np.float32))
-            if world_size > 1:
-                xb = xb[batch_share(torch.arange(len(xb)), rank, world_size)[0]]
-            model(xb.to(device))
-    model.train(was_training)
+    try:
+        with torch.no_grad():
+            for i in range(0, len(x), batch_size):
+                rows = slice(i, i + batch_size)
+                xb = torch.from_numpy(np.ascontiguousarray(x[rows], dtype=np.float32))
+                if world_size > 1:
+                    xb = xb[batch_share(torch.arange(len(xb)), rank, world_size)[0]]
+                _forward(model, xb.to(device), x, rows, "calibrate", diverged)
+    finally:
+        model.train(was_training)
 
 
 def accuracy(outputs: np.ndarray, y: np.ndarray) -> float:

@@ -146,7 +146,13 @@ def test_pruned_zeros_reach_the_graph(data):
 
 def test_unobserved_layer_is_named(model, data):
     prepared = prepare(model, data)
-    with pytest.raises(CaptureError, match="was never observed.*calibration data"):
+    with pytest.raises(
+        CaptureError,
+        match=r"^6 of the model's 6 activation quantizers never observed data, so they have no "
+        r"scale, at the output of: node 'x'; node 'relu' \(File .*test_prepare_capture\.py\", "
+        r"line \d+, in forward\); node 'relu_1' \(File .*\); and 3 more\. Pass calibration "
+        r"data through the model in training mode",
+    ):
         capture(prepared)
 
 
