@@ -21,7 +21,8 @@ The tables and their defaults (the built-in default run is this file with nothin
     seed = 0
 
     [quantize]  and  [sparsity]            # the fields of edgekiln.Recipe (see pipeline/recipe.py)
-    # default: int8 QAT, [sparsity] target = 0.5, pattern = "unstructured"
+    # default: int8 QAT, [sparsity] target = 0.5, pattern = "unstructured"; also 0.5 when the
+    # table has no target (an N:M pattern fixes it at 1 - N/M); target = 0 turns pruning off
 
     [export]
     formats = ["onnx", "tflite"]
@@ -64,6 +65,7 @@ RUNTIME_TARGETS = ("onnxruntime", "litert", "tflm")
 FORMATS = ("onnx", "tflite")
 IO_CHOICES = ("float", "int8")
 KERNEL_CHOICES = ("cmsis-nn", "reference")
+DEFAULT_SPARSITY = 0.5  # [sparsity] target when the recipe gives none
 
 
 class ConfigError(ValueError):
@@ -102,7 +104,10 @@ def _choice(where: str, value: Any, choices: tuple[str, ...]) -> str:
 def _table(doc: dict[str, Any], name: str) -> dict[str, Any]:
     table = doc.get(name, {})
     if not isinstance(table, dict):
-        raise ConfigError(f"[{name}] must be a table of keys, got {type(table).__name__}")
+        raise ConfigError(
+            f"[{name}] must be a table of keys, got {type(table).__name__} {table!r}; "
+            f"write [{name}] on a line of its own, then one key = value per line"
+        )
     return dict(table)
 
 
@@ -244,8 +249,8 @@ class TargetsConfig:
         boards = table.get("boards", [])
         if not isinstance(boards, list) or not all(isinstance(b, dict) for b in boards):
             raise _fail("[targets] boards", boards, "an array of tables ([[targets.boards]])")
-        board_names = {b.get("name") for b in boards}
-        for name in names:
+        board_names = _check_boards(boards)
+        for i, name in enumerate(names):
             if not isinstance(name, str) or not (
                 name in RUNTIME_TARGETS or name.startswith("mcu:")
             ):
@@ -253,6 +258,11 @@ class TargetsConfig:
                     "[targets] names",
                     name,
                     f"{' | '.join(RUNTIME_TARGETS)} | mcu:BOARD (see `edgekiln targets`)",
+                )
+            _check_report_name("[targets] names", name, name)
+            if name in names[:i]:
+                raise ConfigError(
+                    f"[targets] names: {name!r} appears twice in {names}; list each target once"
                 )
             needs = "onnx" if name == "onnxruntime" else "tflite"
             if needs not in formats:
@@ -270,7 +280,42 @@ class TargetsConfig:
         )
 
 
-def _check_board(name: str, custom: set[Any]) -> None:
+def _check_boards(boards: list[dict[str, Any]]) -> set[str]:
+    """Build every ``[[targets.boards]]`` table as the run will, now; their names."""
+    from edgekiln.targets.mcu.boards import Board
+
+    names: set[str] = set()
+    for number, table in enumerate(boards, start=1):
+        where = f"[[targets.boards]] number {number}"
+        name = table.get("name")
+        named = f"{where} (name = {name!r})" if isinstance(name, str) else where
+        try:
+            board = Board.from_dict(dict(table))
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{named}: {e}") from None
+        _check_report_name(f"{where}: name", board.name, board.target)
+        if board.name in names:
+            raise ConfigError(
+                f"{named}: a board named {board.name!r} appears twice; give each board its own name"
+            )
+        names.add(board.name)
+    return names
+
+
+def _check_report_name(where: str, value: str, target: str) -> None:
+    """Refuse a target name ``report.json`` would reject (after the whole run)."""
+    from edgekiln.report.schema import TARGET_NAME
+
+    if not TARGET_NAME.match(target):
+        raise _fail(
+            where,
+            value,
+            f"a name for which {target!r} matches {TARGET_NAME.pattern!r} (report.json's "
+            "target names); use lowercase letters, digits, '_', '.' and '-'",
+        )
+
+
+def _check_board(name: str, custom: set[str]) -> None:
     if name in custom:
         return
     from edgekiln.targets.mcu.boards import get_board
@@ -289,7 +334,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainSection = field(default_factory=TrainSection)
     quantize: dict[str, Any] = field(default_factory=dict)
-    sparsity: dict[str, Any] = field(default_factory=lambda: {"target": 0.5})
+    sparsity: dict[str, Any] = field(default_factory=lambda: {"target": DEFAULT_SPARSITY})
     export: ExportConfig = field(default_factory=ExportConfig)
     targets: TargetsConfig = field(default_factory=TargetsConfig)
     check: dict[str, Any] = field(default_factory=dict)
@@ -347,7 +392,7 @@ def parse_config(doc: dict[str, Any], base: Path, source: str = "recipe") -> Run
         data=DataConfig.from_table(_table(doc, "data"), base),
         train=TrainSection.from_table(_table(doc, "train")),
         quantize=_table(doc, "quantize"),
-        sparsity=_table(doc, "sparsity") if "sparsity" in doc else {"target": 0.5},
+        sparsity=_sparsity_table(doc),
         export=export,
         targets=TargetsConfig.from_table(_table(doc, "targets"), export.formats),
         check=_table(doc, "check"),
@@ -359,6 +404,26 @@ def parse_config(doc: dict[str, Any], base: Path, source: str = "recipe") -> Run
     return config
 
 
+def _sparsity_table(doc: dict[str, Any]) -> dict[str, Any]:
+    """``[sparsity]`` with its target filled in when the recipe gives none.
+
+    The default prunes ``DEFAULT_SPARSITY`` whether the table is missing or holds other keys
+    (``pattern``, ``mode``, ``sweep``); an N:M pattern fixes the target at ``1 - N/M`` instead.
+    ``target = 0`` turns pruning off (except with an N:M pattern, which fixes it). A polynomial
+    schedule needs its own target.
+    """
+    from edgekiln.pipeline.constraints import Pattern
+
+    table = _table(doc, "sparsity")
+    if "target" in table or table.get("schedule", "constant") != "constant":
+        return table
+    try:
+        fixed = Pattern.parse(table.get("pattern", "unstructured")).sparsity
+    except (TypeError, ValueError):
+        return table  # the recipe check names the bad pattern
+    return {**table, "target": DEFAULT_SPARSITY if fixed is None else fixed}
+
+
 def _check_recipe(config: RunConfig) -> None:
     from edgekiln.pipeline.recipe import RecipeError
 
@@ -366,13 +431,19 @@ def _check_recipe(config: RunConfig) -> None:
         config.recipe()
     except RecipeError as e:
         raise ConfigError(str(e)) from None
-    if config.check:
-        from edgekiln.report.check import Thresholds
+    _check_thresholds(config.check)
 
+
+def _check_thresholds(table: dict[str, Any]) -> None:
+    from edgekiln.report.check import ThresholdError, Thresholds, threshold_rule
+
+    _no_unknown("check", table, Thresholds)
+    for key, value in table.items():
         try:
-            Thresholds.from_dict(config.check)
-        except ValueError as e:
-            raise ConfigError(f"[check] {e}") from None
+            Thresholds.from_dict({key: value})
+        except ThresholdError:
+            example = f"{key} = {getattr(Thresholds, key)!r}"
+            raise _fail(f"[check] {key}", value, f"{threshold_rule(key)}, e.g. {example}") from None
 
 
 def load_config(path: str | Path | None) -> RunConfig:

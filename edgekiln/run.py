@@ -20,6 +20,7 @@ import datetime as dt
 import importlib
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,13 +30,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgekiln.config import ConfigError, RunConfig, parse_config
+from edgekiln.config import ConfigError, ModelConfig, RunConfig, parse_config
 from edgekiln.distributed import DistContext, check_replicas, shutdown, sync_from_main, wrap
 from edgekiln.ir import atomic_write, load_graph, save_graph
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
+RUN_MARKERS = (STATE_FILE, "manifest.json", "report.json")  # one of them: an edgekiln run dir
 STAGES = ("float", "qat", "capture", "export", "validate", "report")
 ARTIFACTS = {"onnx": "model.onnx", "tflite": "model.tflite"}
 
@@ -82,7 +84,9 @@ class _State:
 def prepare_run_dir(out: Path | None, *, force: bool = False, root: Path = Path("runs")) -> Path:
     """A new run directory: ``out``, or a fresh timestamped one under ``root``.
 
-    A non-empty existing directory is never overwritten unless ``force``.
+    A non-empty existing directory is never overwritten unless ``force``, and ``force`` only
+    empties a previous run's directory (one holding a file of ``RUN_MARKERS``), never a
+    directory of other files such as the one ``--out .`` names.
     """
     if out is None:
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -99,8 +103,17 @@ def prepare_run_dir(out: Path | None, *, force: bool = False, root: Path = Path(
                 f"run directory {str(out)!r} is not empty; choose another --out, resume it with "
                 "--resume, or overwrite it with --force"
             )
-        for child in sorted(out.rglob("*"), reverse=True):
-            child.unlink() if child.is_file() or child.is_symlink() else child.rmdir()
+        if not any((out / name).is_file() for name in RUN_MARKERS):
+            raise RunError(
+                f"run directory {str(out)!r} is not empty and is not an edgekiln run directory "
+                f"(it has none of {', '.join(RUN_MARKERS)}), so --force does not delete it; "
+                "choose another --out, or empty the directory yourself"
+            )
+        for child in out.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -191,13 +204,27 @@ class _Run:
         from edgekiln.models.datasets import check_input_shape, load_dataset, load_npz
 
         cfg = self.config.data
-        dataset = load_dataset(cfg.source) if cfg.is_builtin else load_npz(cfg.source)
+        where = f"[data] source = {cfg.source!r}"
+        if cfg.is_builtin:
+            dataset = load_dataset(cfg.source)
+        else:
+            try:
+                dataset = load_npz(cfg.source)
+            except (OSError, ValueError) as e:  # load_npz's message starts with the path
+                raise ConfigError(f"{where}: {str(e).removeprefix(cfg.source + ': ')}") from e
         if cfg.limit:
             dataset = _limit(dataset, cfg.limit)
         if len(dataset.x_test) == 0:
-            raise RunError(f"[data] {cfg.source}: the test set is empty; x_test needs samples")
+            raise ConfigError(f"{where}: the test set is empty; x_test needs samples")
+        self._check_train_split(dataset, where)
         shape = self.config.model.input_shape or tuple(dataset.input_shape)
-        check_input_shape(dataset, shape)
+        if self.config.model.input_shape is not None:
+            try:
+                check_input_shape(dataset, shape)
+            except ValueError as e:
+                raise ConfigError(
+                    f"[model] input_shape = {list(shape)} does not fit {where}: {e}"
+                ) from e
         self.input_shape = tuple(shape)
         self.task = (
             "classification"
@@ -205,6 +232,23 @@ class _Run:
             else ("reconstruction")
         )
         return dataset
+
+    def _check_train_split(self, dataset: Any, where: str) -> None:
+        """Refuse training epochs on data without a train split (calibration uses x_test)."""
+        if len(dataset.x_train):
+            return
+        train = self.config.train
+        epochs = {"float_epochs": train.float_epochs, "qat_epochs": train.qat_epochs}
+        if self._prune_then_qat():
+            epochs["prune_epochs"] = train.prune_epochs
+        asked = [f"{key} = {n}" for key, n in epochs.items() if n]
+        if not asked:
+            return
+        raise ConfigError(  # load_npz gives an empty split only without both keys
+            f"{where} has no training split (the keys x_train and y_train are missing), but "
+            f"[train] {', '.join(asked)} train on it; add x_train and y_train to the file, or "
+            f"set [train] {' and '.join(epochs)} to 0 to only calibrate on x_test"
+        )
 
     def _model(self, data: Any) -> nn.Module:
         torch.manual_seed(self.config.train.seed)
@@ -214,7 +258,7 @@ class _Run:
         from edgekiln.pipeline.train import TrainConfig
 
         model = self._model(data)
-        _check_forward(model, self.input_shape, self.config.model.source)
+        _check_forward(model, self.input_shape, self.config.model)
         train = self.config.train
         ckpt = self.dir / "checkpoints" / "float.pt"
         if "float" in self.state.completed:
@@ -363,7 +407,7 @@ class _Run:
         recipe = self.config.recipe()
         board, kernels = self._stats_board(), self.config.targets.kernels
         facts = self.state.facts
-        if _has_sparsity(recipe) and "sparsity_before_after" not in facts:
+        if recipe.prunes and "sparsity_before_after" not in facts:
             self.progress.start("sparsity: dense baseline", None)
             dense = self._calibrated_graph(data, float_model, _without_sparsity(recipe))
             facts["sparsity_before_after"] = compare_sparsity(dense, graph, board, kernels=kernels)
@@ -571,10 +615,6 @@ class _Run:
             _save_state(self.dir, self.state)
 
 
-def _has_sparsity(recipe: Any) -> bool:
-    return not (isinstance(recipe.sparsity, int | float) and recipe.sparsity == 0)
-
-
 def _without_sparsity(recipe: Any) -> Any:
     import dataclasses
 
@@ -589,10 +629,16 @@ def build_model(source: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise ConfigError(f"[model] source = {source!r}: cannot import {module_name!r}: {e}") from e
+        raise ConfigError(
+            f"[model] source = {source!r}: cannot import {module_name!r}: {e}; install the "
+            "package, or run from (or put on PYTHONPATH) the directory that holds the module"
+        ) from e
     factory = getattr(module, attr, None)
     if not callable(factory):
-        raise ConfigError(f"[model] source = {source!r}: {module_name} has no callable {attr!r}")
+        raise ConfigError(
+            f"[model] source = {source!r}: {module_name} has no callable {attr!r}; name a "
+            f'function or class defined in {module_name}, as "{module_name}:NAME"'
+        )
     try:
         model = factory(**(kwargs or {}))
     except Exception as e:
@@ -606,15 +652,40 @@ def build_model(source: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
     return model
 
 
-def _check_forward(model: nn.Module, shape: tuple[int, ...], source: str) -> None:
+def _check_forward(model: nn.Module, shape: tuple[int, ...], cfg: ModelConfig) -> None:
+    """Refuse a model that cannot run a batch of the data; the message names both shapes."""
     try:
         with torch.no_grad():
             model.eval()(torch.zeros(2, *shape))
     except Exception as e:
+        if cfg.input_shape is not None:
+            given = "the data's shape and the recipe's [model] input_shape"
+            fix = "check that [model] input_shape and [model] kwargs are what the model takes"
+        else:
+            expected = _declared_input_shape(cfg.source)
+            given = "the data's shape; no [model] input_shape"
+            if expected is None:
+                given += " and the model's expected input shape is not declared"
+                fix = "declare the shape the model takes as [model] input_shape to check the data"
+            else:
+                kwargs = " with its default kwargs" if cfg.kwargs else ""
+                given += f", but the model expects {list(expected)}{kwargs}"
+                fix = "reshape the data or set [model] kwargs to fit it"
         raise ConfigError(
-            f"[model] {source} does not accept data of shape {list(shape)} (the data's shape): "
-            f"{type(e).__name__}: {e}"
+            f"[model] source = {cfg.source!r} does not accept data of shape {list(shape)} "
+            f"({given}): {type(e).__name__}: {e}; {fix}"
         ) from e
+
+
+def _declared_input_shape(source: str) -> tuple[int, ...] | None:
+    """The registry's input shape (no batch) of a built-in ``edgekiln.models:NAME``, or None."""
+    module_name, _, name = source.partition(":")
+    if module_name != "edgekiln.models":
+        return None
+    from edgekiln.models.registry import MODELS
+
+    spec = MODELS.get(name)
+    return None if spec is None else tuple(spec.input_shape)
 
 
 def _limit(dataset: Any, limit: int) -> Any:

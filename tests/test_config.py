@@ -1,5 +1,6 @@
 """Recipes: every key optional, every mistake named by its key path."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,24 @@ from edgekiln.config import DEFAULT_TARGETS, ConfigError, load_config, parse_con
 
 def _parse(doc: dict, base: Path = Path(".")):
     return parse_config(doc, base)
+
+
+def _whole(message: str) -> str:
+    """A pattern matching exactly ``message``: the tests pin every word of it."""
+    return f"^{re.escape(message)}$"
+
+
+BOARD = {
+    "name": "mine",
+    "core": "cortex-m4",
+    "clock_hz": 80_000_000,
+    "sram_bytes": 131072,
+    "flash_bytes": 524288,
+}
+REPORT_NAMES = (
+    "'^(onnxruntime|litert|tflm|mcu:[a-z0-9][a-z0-9_.-]*)$' (report.json's target names); use "
+    "lowercase letters, digits, '_', '.' and '-'"
+)
 
 
 def test_empty_recipe_is_the_builtin_default():
@@ -66,12 +85,187 @@ def test_full_recipe_round_trips(tmp_path):
         ({"targets": {"kernels": "fast"}}, r"\[targets\] kernels = 'fast' is not valid"),
         ({"sparsity": {"pattern": "3:2"}}, r"\[sparsity\] pattern"),
         ({"quantize": {"weight_bits": 16}}, r"\[quantize\] weight_bits = 16 is not valid"),
-        ({"check": {"max_accuracy_drop": -1}}, r"\[check\]"),
+        (
+            {"check": {"max_accuracy_drop": -1}},
+            _whole(
+                "[check] max_accuracy_drop = -1 is not valid: allowed a fraction in [0, 1] "
+                "(fractions: 0.005 = 0.5 points, 0.10 = 10 %), e.g. max_accuracy_drop = 0.005"
+            ),
+        ),
+        (
+            {"check": {"max_latency_growth": "10%"}},
+            _whole(
+                "[check] max_latency_growth = '10%' is not valid: allowed a finite number >= 0 "
+                "(fractions: 0.005 = 0.5 points, 0.10 = 10 %), e.g. max_latency_growth = 0.1"
+            ),
+        ),
+        (
+            {"check": {"max_acuracy_drop": 0.01}},
+            _whole(
+                "[check] max_acuracy_drop is not a recipe key: allowed keys are "
+                "max_accuracy_drop, max_agreement_drop, max_arena_growth, max_flash_growth, "
+                "max_latency_growth"
+            ),
+        ),
+        (
+            {"model": {"kwargs": 3}},
+            _whole("[model] kwargs = 3 is not valid: allowed a table of keyword arguments"),
+        ),
+        (
+            {"model": {"input_shape": 28}},
+            _whole(
+                "[model] input_shape = 28 is not valid: allowed a list of 1 to 3 sizes like "
+                "[1, 28, 28]"
+            ),
+        ),
+        (
+            {"model": {"input_shape": [1, 1, 28, 28]}},
+            _whole(
+                "[model] input_shape = [1, 1, 28, 28] is not valid: allowed a list of 1 to 3 "
+                "sizes like [1, 28, 28]"
+            ),
+        ),
+        (
+            {"data": {"source": "data.csv"}},
+            _whole(
+                "[data] source = 'data.csv' is not valid: allowed mnist | digits | synthetic_kws "
+                "| synthetic_vww | synthetic_cifar | synthetic_anomaly or a path ending in .npz"
+            ),
+        ),
+        (
+            {"train": {"float_epochs": -1}},
+            _whole("[train] float_epochs = -1 is not valid: allowed a whole number >= 0"),
+        ),
+        (
+            {"train": {"qat_lr": 0}},
+            _whole("[train] qat_lr = 0 is not valid: allowed a number in (0, 10)"),
+        ),
+        (
+            {"train": {"qat_lr": -0.1}},
+            _whole("[train] qat_lr = -0.1 is not valid: allowed a number in (0, 10)"),
+        ),
+        (
+            {"export": {"formats": []}},
+            _whole(
+                '[export] formats = [] is not valid: allowed a non-empty list of "onnx", "tflite"'
+            ),
+        ),
+        (
+            {"export": {"formats": ["onnx", "pb"]}},
+            _whole("[export] formats = 'pb' is not valid: allowed onnx | tflite"),
+        ),
+        (
+            {"targets": {"names": "tflm"}},
+            _whole("[targets] names = 'tflm' is not valid: allowed a list of target names"),
+        ),
+        (
+            {"train": 3},
+            _whole(
+                "[train] must be a table of keys, got int 3; write [train] on a line of its own, "
+                "then one key = value per line"
+            ),
+        ),
+        (
+            {"sparsity": 0.5},
+            _whole(
+                "[sparsity] must be a table of keys, got float 0.5; write [sparsity] on a line of "
+                "its own, then one key = value per line"
+            ),
+        ),
+        (
+            {"targets": {"names": ["tflm", "litert", "tflm"]}},
+            _whole(
+                "[targets] names: 'tflm' appears twice in ['tflm', 'litert', 'tflm']; list each "
+                "target once"
+            ),
+        ),
+        (
+            {"targets": {"names": ["mcu:NRF52840"]}},
+            _whole(
+                "[targets] names = 'mcu:NRF52840' is not valid: allowed a name for which "
+                f"'mcu:NRF52840' matches {REPORT_NAMES}"
+            ),
+        ),
+        (
+            {"targets": {"names": ["mcu:mine"], "boards": [{**BOARD, "core": "cortex-m9"}]}},
+            _whole(
+                "[[targets.boards]] number 1 (name = 'mine'): board key 'core' = 'cortex-m9' is "
+                "invalid: it must be one of cortex-m0plus, cortex-m4, cortex-m7, cortex-m33, "
+                "cortex-m55"
+            ),
+        ),
+        (
+            {
+                "targets": {
+                    "names": ["tflm"],
+                    "boards": [BOARD, {**BOARD, "name": "fast", "clock_hz": -1}],
+                }
+            },
+            _whole(
+                "[[targets.boards]] number 2 (name = 'fast'): board key 'clock_hz' = -1 is "
+                "invalid: it must be a positive integer"
+            ),
+        ),
+        (
+            {"targets": {"names": ["tflm"], "boards": [{**BOARD, "cores": "cortex-m4"}]}},
+            _whole(
+                "[[targets.boards]] number 1 (name = 'mine'): board key(s) 'cores' are not known; "
+                "a board has clock_hz, core, flash_bytes, name, notes, source, sram_bytes"
+            ),
+        ),
+        (
+            {"targets": {"names": ["tflm"], "boards": [{"core": "cortex-m4"}]}},
+            _whole(
+                "[[targets.boards]] number 1: board '?' lacks key(s) name, clock_hz, sram_bytes, "
+                "flash_bytes"
+            ),
+        ),
+        (
+            {"targets": {"names": ["tflm"], "boards": [{**BOARD, "name": "My Board"}]}},
+            _whole(
+                "[[targets.boards]] number 1: name = 'My Board' is not valid: allowed a name for "
+                f"which 'mcu:My Board' matches {REPORT_NAMES}"
+            ),
+        ),
+        (
+            {"targets": {"names": ["tflm"], "boards": [BOARD, BOARD]}},
+            _whole(
+                "[[targets.boards]] number 2 (name = 'mine'): a board named 'mine' appears twice; "
+                "give each board its own name"
+            ),
+        ),
     ],
 )
 def test_every_recipe_error_names_its_key(doc, message):
     with pytest.raises(ConfigError, match=message):
         _parse(doc)
+
+
+@pytest.mark.parametrize(
+    ("table", "sparsity", "pattern"),
+    [
+        ({"pattern": "channel"}, 0.5, "channel"),
+        ({"mode": "prune_then_qat"}, 0.5, "unstructured"),
+        ({"sweep": [0.25, 0.75]}, 0.5, "unstructured"),
+        ({"pattern": "2:4"}, 0.5, "2:4"),  # an N:M pattern fixes the sparsity at 1 - N/M
+        ({"pattern": "1:4"}, 0.75, "1:4"),
+    ],
+)
+def test_a_sparsity_table_without_target_prunes_by_default(table, sparsity, pattern):
+    config = _parse({"sparsity": table})
+    recipe = config.recipe()
+    assert recipe.prunes and recipe.sparsity == sparsity and str(recipe.pattern) == pattern
+    assert config.as_dict()["sparsity"] == {**table, "target": sparsity}  # the report's recipe
+
+
+def test_target_zero_turns_pruning_off():
+    assert not _parse({"sparsity": {"target": 0, "pattern": "channel"}}).recipe().prunes
+    assert _parse({"sparsity": {"target": 0, "pattern": "2:4"}}).recipe().prunes  # 2:4 fixes it
+
+
+def test_a_valid_board_is_kept_as_written():
+    doc = {"targets": {"names": ["mcu:mine"], "boards": [BOARD]}}
+    assert _parse(doc).targets.boards == (BOARD,)
 
 
 def test_missing_and_broken_recipe_files(tmp_path):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -63,7 +64,14 @@ def test_a_used_directory_is_never_overwritten(digits_run):
         prepare_run_dir(out)
 
 
-def test_user_model_and_npz_through_a_recipe(tmp_path, monkeypatch):
+def _whole(message: str) -> str:
+    """A pattern matching exactly ``message``."""
+    return f"^{re.escape(message)}$"
+
+
+@pytest.fixture
+def user_project(tmp_path, monkeypatch):
+    """A directory with a user's model module (usernet.py) and data (data.npz, 1x3x4 inputs)."""
     (tmp_path / "usernet.py").write_text(
         "import torch.nn as nn\n"
         "def make(hidden=8):\n"
@@ -79,6 +87,15 @@ def test_user_model_and_npz_through_a_recipe(tmp_path, monkeypatch):
     np.savez(
         tmp_path / "data.npz", x_train=x[:240], y_train=y[:240], x_test=x[240:], y_test=y[240:]
     )
+    np.savez(tmp_path / "test_only.npz", x_test=x[240:], y_test=y[240:])
+    np.savez(tmp_path / "empty_test.npz", x_test=x[:0], y_test=y[:0])
+    square = rng.normal(size=(40, 1, 4, 4)).astype(np.float32)  # 16 features: not usernet's 12
+    np.savez(tmp_path / "square.npz", x_train=square, y_train=y[:40], x_test=square, y_test=y[:40])
+    return tmp_path
+
+
+def test_user_model_and_npz_through_a_recipe(user_project):
+    tmp_path = user_project
     doc = {
         "model": {"source": "usernet:make", "kwargs": {"hidden": 16}},
         "data": {"source": "data.npz"},
@@ -110,6 +127,128 @@ def test_user_model_and_npz_through_a_recipe(tmp_path, monkeypatch):
     doc["model"] = {"source": "usernet:make", "input_shape": [1, 28, 28]}
     with pytest.raises(ValueError, match=r"\(1, 28, 28\)|\[1, 28, 28\]"):
         run(parse_config(doc, tmp_path), prepare_run_dir(tmp_path / "out3"))
+
+
+def _tiny(project: Path, **tables) -> dict:
+    """A recipe for usernet on data.npz, validated on one simulated board: seconds, not minutes."""
+    doc = {
+        "model": {"source": "usernet:make"},
+        "data": {"source": "data.npz"},
+        "train": {"float_epochs": 1, "qat_epochs": 1, "lr": 0.01},
+        "export": {"formats": ["tflite"]},
+        "targets": {"names": ["mcu:rp2040"]},
+    }
+    return {**doc, **tables}
+
+
+def test_a_two_of_four_recipe_without_target_reports_what_sparsity_buys(user_project):
+    doc = _tiny(user_project, sparsity={"pattern": "2:4"})
+    out = user_project / "out"
+    with pytest.warns(UserWarning, match="they stay dense: 1"):  # Linear(12, 8) after Flatten
+        report = run(parse_config(doc, user_project), prepare_run_dir(out))
+    assert report["recipe"]["sparsity"] == {"pattern": "2:4", "target": 0.5}
+    assert report["sparsity"]["total"] == pytest.approx(12 / 120, abs=0.02)  # Linear(8, 3)/2
+    before_after = report["sparsity"]["before_after"]  # int8 zeros, before and after pruning
+    assert before_after["sparse"]["weight_sparsity"] == pytest.approx(12 / 120, abs=0.02)
+    assert before_after["dense"]["weight_sparsity"] < before_after["sparse"]["weight_sparsity"]
+    assert "What sparsity buys" in (out / "report.html").read_text()
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        (
+            {"source": "nopkg_edgekiln_test:make"},
+            "[model] source = 'nopkg_edgekiln_test:make': cannot import 'nopkg_edgekiln_test': "
+            "No module named 'nopkg_edgekiln_test'; install the package, or run from (or put on "
+            "PYTHONPATH) the directory that holds the module",
+        ),
+        (
+            {"source": "usernet:build"},
+            "[model] source = 'usernet:build': usernet has no callable 'build'; name a function "
+            'or class defined in usernet, as "usernet:NAME"',
+        ),
+    ],
+)
+def test_a_model_source_that_cannot_be_built(user_project, model, message):
+    doc = _tiny(user_project, model=model)
+    with pytest.raises(ConfigError, match=_whole(message)):
+        run(parse_config(doc, user_project), prepare_run_dir(user_project / "out"))
+
+
+def test_data_of_the_wrong_shape_names_both_shapes(user_project):
+    doc = _tiny(user_project, data={"source": "square.npz"})
+    with pytest.raises(ConfigError) as raised:  # usernet declares no shape
+        run(parse_config(doc, user_project), prepare_run_dir(user_project / "out"))
+    assert re.fullmatch(
+        re.escape(
+            "[model] source = 'usernet:make' does not accept data of shape [1, 4, 4] (the "
+            "data's shape; no [model] input_shape and the model's expected input shape is not "
+            "declared): RuntimeError: "
+        )
+        + ".+"  # torch's own words
+        + re.escape("; declare the shape the model takes as [model] input_shape to check the data"),
+        str(raised.value),
+    )
+
+    doc = _tiny(user_project, model={"source": "edgekiln.models:small_cnn"})  # 1x28x28 model
+    with pytest.raises(ConfigError) as raised:
+        run(parse_config(doc, user_project), prepare_run_dir(user_project / "out2"))
+    assert re.fullmatch(
+        re.escape(
+            "[model] source = 'edgekiln.models:small_cnn' does not accept data of shape "
+            "[1, 3, 4] (the data's shape; no [model] input_shape, but the model expects "
+            "[1, 28, 28]): RuntimeError: "
+        )
+        + ".+"
+        + re.escape("; reshape the data or set [model] kwargs to fit it"),
+        str(raised.value),
+    )
+
+
+def test_data_without_a_train_split_or_test_samples(user_project):
+    source = str(user_project / "test_only.npz")
+    doc = _tiny(user_project, data={"source": "test_only.npz"})
+    with pytest.raises(ConfigError, match=_whole(
+        f"[data] source = {source!r} has no training split (the keys x_train and y_train are "
+        "missing), but [train] float_epochs = 1, qat_epochs = 1 train on it; add x_train and "
+        "y_train to the file, or set [train] float_epochs and qat_epochs to 0 to only calibrate "
+        "on x_test"
+    )):  # fmt: skip
+        run(parse_config(doc, user_project), prepare_run_dir(user_project / "out"))
+
+    doc["train"] = {"float_epochs": 0, "qat_epochs": 0}  # calibration alone reads x_test
+    report = run(parse_config(doc, user_project), prepare_run_dir(user_project / "calibrated"))
+    assert report["data"]["n_train"] == 0 and report["targets"][0]["ok"]
+
+    source = str(user_project / "empty_test.npz")
+    doc = _tiny(user_project, data={"source": "empty_test.npz"})
+    with pytest.raises(ConfigError, match=_whole(
+        f"[data] source = {source!r}: x_test has shape (0, 1, 3, 4), expected (N, *input_shape) "
+        "with N >= 1 and at least 2 dimensions, e.g. (N, 1, 28, 28) for grey 28x28 images"
+    )):  # fmt: skip
+        run(parse_config(doc, user_project), prepare_run_dir(user_project / "out2"))
+
+
+def test_force_overwrites_a_previous_run_only(tmp_path):
+    old = tmp_path / "old-run"
+    (old / "checkpoints").mkdir(parents=True)
+    (old / "state.json").write_text("{}")
+    (old / "checkpoints" / "float.pt").write_bytes(b"")
+    assert prepare_run_dir(old, force=True) == old and not any(old.iterdir())
+
+    mine = tmp_path / "mine"
+    (mine / "notes").mkdir(parents=True)
+    (mine / "thesis.tex").write_text("years of work")
+    (mine / "notes" / "todo.txt").write_text("back up")
+    with pytest.raises(RunError, match=_whole(
+        f"run directory {str(mine)!r} is not empty and is not an edgekiln run directory (it has "
+        "none of state.json, manifest.json, report.json), so --force does not delete it; choose "
+        "another --out, or empty the directory yourself"
+    )):  # fmt: skip
+        prepare_run_dir(mine, force=True)
+    assert (mine / "thesis.tex").read_text() == "years of work"
+    assert (mine / "notes" / "todo.txt").exists()
 
 
 def _cli(*args: str, **kw) -> subprocess.Popen:

@@ -125,13 +125,25 @@ max_latency_growth
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+def threshold_rule(name: str) -> str:
+    """What threshold ``name`` may be, for messages.
+
+    >>> threshold_rule("max_arena_growth")
+    'a finite number >= 0 (fractions: 0.005 = 0.5 points, 0.10 = 10 %)'
+    """
+    kind = "fraction in [0, 1]" if name in _AT_MOST_ONE else "finite number >= 0"
+    return f"a {kind} (fractions: 0.005 = 0.5 points, 0.10 = 10 %)"
+
+
+_AT_MOST_ONE = ("max_accuracy_drop", "max_agreement_drop")
+
+
 def _check_threshold(name: str, value: Any, where: str) -> None:
     is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    upper = 1.0 if name in ("max_accuracy_drop", "max_agreement_drop") else math.inf
+    upper = 1.0 if name in _AT_MOST_ONE else math.inf
     if not is_number or not math.isfinite(value) or not 0 <= value <= upper:
-        allowed = "a fraction in [0, 1]" if upper == 1.0 else "a finite number >= 0"
         raise ThresholdError(
-            f"{where} must be {allowed} (fractions: 0.005 = 0.5 points, 0.10 = 10 %), "
+            f"{where} must be {threshold_rule(name)}, "
             f"got {value!r}; for example {name} = {getattr(Thresholds, name)!r}"
         )
 
