@@ -1,7 +1,8 @@
 """The ``edgekiln`` command: run, validate, check, targets, export.
 
-Exit codes: 0 success; 1 a regression (``check``) or a failed target (``validate``);
-2 unusable input (a bad recipe, a missing file, a report of another schema).
+Exit codes: 0 success; 1 a regression (``check``) or a failed target (``validate``,
+``compare``); 2 unusable input (a bad recipe, a missing file, a report of another schema, two
+runs with no tensor in common for ``compare``).
 """
 
 from __future__ import annotations
@@ -50,7 +51,11 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="float training, QAT, export, validation and a report")
     r.add_argument("recipe", nargs="?", type=Path, help="TOML recipe (default: built-in)")
     r.add_argument("--out", type=Path, help="run directory (default: runs/<timestamp>)")
-    r.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
+    r.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a previous edgekiln run in --out (a directory of other files is refused)",
+    )
     r.add_argument("--resume", type=Path, metavar="DIR", help="finish an interrupted run")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.set_defaults(func=_cmd_run)
@@ -193,6 +198,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if ctx.is_main:
             ranks = f" ({ctx.world_size} ranks)" if ctx.is_distributed else ""
             print(f"edgekiln run: {config.source} -> {run_dir}{ranks}", file=sys.stderr)
+        if ctx.is_distributed:  # torchrun's failure summary then shows this rank's error
+            from torch.distributed.elastic.multiprocessing.errors import record
+
+            run = record(run)  # type: ignore[assignment]  # None only after SystemExit(0)
         report = run(config, run_dir, resume=args.resume is not None, progress=bars, ctx=ctx)
     finally:
         shutdown(ctx)
@@ -405,6 +414,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         results.append(result)
     comparison = compare_results(*results)
     a, b = results[0].target, results[1].target
+    if not comparison.layers:
+        raise ValueError(_nothing_matched(results[0], results[1]))
     print(f"{a} vs {b}, {len(x)} samples, per tensor in execution order")
     print(f"{'tensor':<32} {'values':>9} {'differ':>8} {'max LSB':>8}  histogram (LSB: count)")
     for d in comparison.layers:
@@ -412,8 +423,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         print(f"{d.name:<32} {d.count:>9} {d.mismatches:>8} {d.max_lsb:>8}  {hist}")
     if comparison.missing:
         print(f"not in both runs: {', '.join(comparison.missing)}")
-    if comparison.first_divergence is None:
-        print("identical on every compared tensor")
+    if comparison.identical:
+        print(f"identical on every compared tensor ({len(comparison.layers)} tensors)")
     else:
         print(f"first tensor where they part: {comparison.first_divergence}")
     if args.json:
@@ -422,6 +433,20 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         )
         atomic_write(args.json, lambda f: f.write(doc.encode()))
     return EXIT_OK
+
+
+def _nothing_matched(a: Any, b: Any) -> str:
+    """Why ``compare`` compared nothing: no tensor name is in both runs' intermediates."""
+    seen = []
+    for r in (a, b):
+        names = sorted((r.details or {}).get("intermediates") or {})
+        seen.append(f"{len(names)} in {r.target} (e.g. {', '.join(names[:3]) or 'none'})")
+    return (
+        f"no tensor could be matched between {a.target} and {b.target}: no name is in both "
+        f"runs ({seen[0]}; {seen[1]}), so nothing was compared. Compare artifacts written from "
+        "one graph (edgekiln's ONNX and TFLite writers keep its tensor names), e.g. a run "
+        "directory's model.onnx and model.tflite, or pass --run DIR with one --target"
+    )
 
 
 def _run_test_set(config: Any) -> Any:

@@ -110,7 +110,7 @@ def run_litert(
     details = {
         "runtime": f"ai-edge-litert {_version('ai-edge-litert')}",
         "op_resolver": resolver,
-        "xnnpack": resolver == "AUTO",
+        "xnnpack": raw["xnnpack_applied"],  # a DELEGATE node after allocation, not the resolver
         "threads": threads,
         "batch_mode": "resize",
         "ops": [op.opcode for op in model.operators],
@@ -160,7 +160,7 @@ def xnnpack_diagnosis(model: TfliteModel) -> str:
     )
 
 
-# ---- shared with the TFLM target -------------------------------------------------------------
+# ---- shared with the TFLM and mcu targets ----------------------------------------------------
 
 
 def prepare_run(
@@ -269,6 +269,15 @@ def to_pytorch_layout(value: np.ndarray) -> np.ndarray:
     return value.transpose(0, 3, 1, 2) if value.ndim == 4 else value
 
 
+def pytorch_outputs(output: np.ndarray, layout: str) -> np.ndarray:
+    """The model's output for data given in ``layout`` (as ``input_layout`` names it), in
+    PyTorch layout: 4-D NHWC becomes NCHW, and a 1-D model fed (N, C, L) answers (N, C, L)."""
+    outputs = to_pytorch_layout(output)
+    if layout == "NCL" and outputs.ndim == 4 and outputs.shape[2] == 1:
+        outputs = outputs[:, :, 0]  # TFLite's (N, 1, L, C) -> (N, C, 1, L) -> (N, C, L)
+    return outputs
+
+
 def activations_by_name(model: TfliteModel, values: dict[str, np.ndarray]) -> dict[str, Any]:
     """The activation (non-constant) tensors among ``values``, in PyTorch layout."""
     names = {t.name for t in model.tensors if t.data is None}
@@ -286,9 +295,7 @@ def finish_result(
 ) -> TargetResult:
     """The TargetResult of a successful run: layout, output parameters and accuracy."""
     out_tensor = model.tensors[model.outputs[0]]
-    outputs = to_pytorch_layout(output)
-    if details.get("input_layout") == "NCL" and outputs.ndim == 4 and outputs.shape[2] == 1:
-        outputs = outputs[:, :, 0]  # a 1-D model fed (N, C, L) answers (N, C, L)
+    outputs = pytorch_outputs(output, details.get("input_layout", "artifact"))
     scale = zero_point = None
     if out_tensor.scale.size == 1:
         scale = float(out_tensor.scale[0])
@@ -350,6 +357,9 @@ def _litert_child(data: bytes, xb: np.ndarray, options: dict[str, Any]) -> dict[
     it.set_tensor(inp["index"], xb)
     it.invoke()
     result: dict[str, Any] = {"output": it.get_tensor(out["index"]).copy()}
+    # AUTO asks for XNNPACK; the delegate takes the ops it supports at allocation and shows up
+    # as a DELEGATE node, and none appears when it takes none (measured: int8 AVERAGE_POOL_2D)
+    result["xnnpack_applied"] = any(op["op_name"] == "DELEGATE" for op in it._get_ops_details())
     if options["keep_intermediates"]:
         tensors = {}
         for t in it.get_tensor_details():

@@ -23,16 +23,14 @@ same-sign weights in neighbouring input channels clip, and the error propagates 
 rest of the model. DESIGN.md records up to ~100 LSB inside a model on such a CPU.
 ``session.qdqisint8allowed = 1`` keeps int8 activations, fuses every unit into int8 x int8
 kernels (MLAS sign-extends those to int16 before ``vpmaddwd``: no saturation), at a speed
-cost: on benchmarks/onnx_vs_ptq.py's small CNN here, 0.30 ms vs 0.085 ms per batch-1 inference
-(fp32: 0.038 ms), so int8 is never the fast path on this machine.
+cost (benchmarks/onnx_vs_ptq.py measures it against the default mode and fp32 in one run; on
+this machine kind int8 is never the fast path).
 
-Measured here (2-core x86-64 *with* AVX512-VNNI, despite DESIGN.md's note; ``vpdpbusd``
-accumulates u8 x s8 in int32, so it does not saturate either): on 20 random 4-conv + linear
-graphs and on a graph built to saturate (uint8 inputs near 255, weights all +127), the default
-mode differed from the numpy reference by at most 0 LSB at every tensor, qdqisint8allowed=1 by
-at most 1 LSB (the int8 kernels requantize with their own rounding; see the per-op bounds in
-tests/targets/test_onnxruntime.py). On a CPU without VNNI, the default mode is the one that is
-wrong, so ``int8_exact=True`` (qdqisint8allowed=1) is the default: correct on every CPU.
+Measured on this machine kind (2-core x86-64, AVX2, no VNNI): on a graph built to saturate
+(uint8 inputs near 255, weights all +127; tests/targets/test_onnxruntime.py), the default mode
+is 32 LSB away from the numpy reference and ``qdqisint8allowed=1`` is exact (0 LSB). On a CPU
+with VNNI, ``vpdpbusd`` accumulates u8 x s8 in int32 and the default mode is exact too, so
+``int8_exact=True`` (qdqisint8allowed=1) is the default: correct on every CPU.
 ``details["cpu_vnni"]`` says which kind of CPU produced a result.
 
 Artifacts and data

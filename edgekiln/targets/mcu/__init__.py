@@ -13,13 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
-from edgekiln.formats.tflite import TfliteModel
-from edgekiln.targets.base import Latency, TargetResult, check_labels
+from edgekiln.targets.base import Latency, TargetResult
+from edgekiln.targets.litert import input_layout, prepare_run, pytorch_outputs
 from edgekiln.targets.mcu.boards import BOARDS, Board, get_board
 from edgekiln.targets.mcu.compare import LayerComparison, compare_layers, compare_results
 from edgekiln.targets.mcu.interpreter import SUPPORTED_OPS, SimResult, SimulationError, simulate
-from edgekiln.targets.mcu.latency import KERNEL_LIBRARIES, layer_costs
-from edgekiln.targets.mcu.memory import memory_report
+from edgekiln.targets.mcu.latency import KERNEL_LIBRARIES, LayerCost, layer_costs
+from edgekiln.targets.mcu.memory import MemoryReport, memory_report
 
 logger = logging.getLogger(__name__)
 
@@ -49,11 +49,18 @@ def run_mcu(
 ) -> TargetResult:
     """Simulate an int8 TFLite artifact on a microcontroller board.
 
-    ``x`` is float32 in PyTorch's layout (NCHW) or the artifact's own (NHWC), quantized with
-    the artifact's input scale and zero point, or int8 passed as is. The outputs are bit-exact
+    ``x`` follows the rules of ``run_tflm`` and ``run_litert`` (one shared function reads it):
+    float32 quantized with the artifact's input scale and zero point, or int8 passed as is, in
+    PyTorch's layout (NCHW, or (N, C, L) for a 1-D model) or the artifact's own (NHWC, or
+    (N, 1, L, C)); outputs come back in the layout the data came in. The outputs are bit-exact
     with TFLM's reference kernels; latency is the latency model's estimate; ``details`` carry
-    the arena and flash figures, the per-layer table and the budget check. A model over the
-    board's SRAM or flash gives ``ok=False`` with its outputs still computed.
+    the arena and flash figures, the per-layer table and the budget check. ``arena_bytes`` is
+    the planned arena (activations and scratch buffers, what TFLM's planner places: equal to
+    the "head" TFLM prints for reference kernels); ``arena_total_bytes`` adds the estimated
+    interpreter state and is the figure checked against the board's SRAM
+    (``budget["arena_need_bytes"]``). A model over the board's SRAM or flash gives
+    ``ok=False`` with its outputs still computed, and the error names the budget, the need and
+    the largest activation or constant tensor with its operator.
     ``keep_intermediates=True`` adds every activation to ``details["intermediates"]`` by tensor
     name, batch first, 4-D tensors in NCHW (as ``run_tflm`` and ``run_litert`` give them), for
     ``compare_results``.
@@ -65,17 +72,11 @@ def run_mcu(
     b = get_board(board)
     if kernels not in KERNEL_LIBRARIES:
         raise ValueError(f"kernels must be one of {', '.join(KERNEL_LIBRARIES)}; got {kernels!r}")
-    path = Path(artifact)
-    if not path.is_file():
-        raise FileNotFoundError(f"artifact {str(path)!r} does not exist; export it first")
-    from edgekiln.formats.tflite import check_tflite
-
-    model = check_tflite(path)
-    xq, layout = _prepare_input(model, x)
-    labels = check_labels(y, xq.shape[0])
+    path, model, xq, labels = prepare_run(artifact, x, y)
+    layout = input_layout(np.asarray(x), xq)
     sim = simulate(model, xq, keep_intermediates=keep_intermediates)
     out_t = model.tensor(model.outputs[0])
-    outputs = _to_pytorch_layout(sim.output, layout)
+    outputs = pytorch_outputs(sim.output, layout)
     mem = memory_report(model, kernels)
     costs = layer_costs(model, b, kernels)
     total_ms = sum(c.ms for c in costs)
@@ -126,47 +127,8 @@ def run_mcu(
     )
 
 
-def _prepare_input(model: TfliteModel, x: np.ndarray) -> tuple[np.ndarray, str]:
-    """Bring ``x`` to the artifact's layout and dtype; return it and the layout found."""
-    inp = model.tensor(model.inputs[0])
-    x = np.asarray(x)
-    want = tuple(int(s) for s in inp.shape[1:])
-    if x.ndim == len(inp.shape) and tuple(x.shape[1:]) == want:
-        layout = "artifact"
-    elif x.ndim == 4 and x.shape[1:] == (want[2], want[0], want[1]):
-        x, layout = np.transpose(x, (0, 2, 3, 1)), "nchw"
-    elif x.ndim == 3 and len(want) == 2 and x.shape[1:] == (want[1], want[0]):
-        x, layout = np.transpose(x, (0, 2, 1)), "ncl"
-    else:
-        nchw = (want[2], want[0], want[1]) if len(want) == 3 else want
-        raise ValueError(
-            f"data of shape {x.shape} fits neither the artifact's input (N, {want}) nor "
-            f"PyTorch's layout (N, {nchw}); pass one of them"
-        )
-    if x.dtype == inp.dtype:
-        return np.ascontiguousarray(x), layout
-    if x.dtype.kind != "f":
-        raise ValueError(f"data must be float32 or {inp.dtype}; got {x.dtype}")
-    if not np.all(np.isfinite(x)):
-        bad = int(np.sum(~np.isfinite(x)))
-        raise ValueError(f"data holds {bad} NaN or infinite values; clean them before running")
-    if inp.dtype == np.float32:
-        return x.astype(np.float32), layout
-    scale, zp = float(inp.scale[0]), int(inp.zero_point[0])
-    q = np.round(x.astype(np.float32) / np.float32(scale)) + zp
-    info = np.iinfo(inp.dtype)
-    return np.clip(q, info.min, info.max).astype(inp.dtype), layout
-
-
-def _to_pytorch_layout(out: np.ndarray, layout: str) -> np.ndarray:
-    if out.ndim == 4:
-        return np.transpose(out, (0, 3, 1, 2))
-    if out.ndim == 3:
-        return np.transpose(out, (0, 2, 1))
-    return out
-
-
-def _budget_errors(b: Board, mem, costs) -> list[str]:
+def _budget_errors(b: Board, mem: MemoryReport, costs: list[LayerCost]) -> list[str]:
+    """Why the model does not fit ``b``: each budget, the need, and the largest tensor or layer."""
     errors = []
     if mem.arena_total_bytes > b.sram_bytes:
         peak = costs[mem.peak_op] if costs else None
@@ -174,12 +136,19 @@ def _budget_errors(b: Board, mem, costs) -> list[str]:
         errors.append(
             f"arena needs {mem.arena_total_bytes} bytes but {b.name} has {b.sram_bytes} bytes of "
             f"SRAM; largest tensor {mem.largest_tensor!r} is {mem.largest_tensor_bytes} bytes"
-            f"{where}"
+            f"{where}; shrink that activation (fewer channels, an earlier stride or pool) or "
+            "pick a board with more SRAM"
         )
     if mem.flash_bytes > b.flash_bytes:
+        op = mem.largest_constant_op
+        user = ""
+        if 0 <= op < len(costs):
+            user = f" (read by operator {op} {costs[op].opcode} writing {costs[op].output!r})"
         errors.append(
             f"flash needs {mem.flash_bytes} bytes (model {mem.file_bytes} + runtime estimate "
             f"{mem.runtime_code_bytes}) but {b.name} has {b.flash_bytes} bytes; constants take "
-            f"{mem.constant_bytes} bytes"
+            f"{mem.constant_bytes} bytes, the largest, {mem.largest_constant!r}, "
+            f"{mem.largest_constant_bytes} bytes{user}; prune or shrink that layer, or pick a "
+            "board with more flash"
         )
     return errors

@@ -55,8 +55,11 @@ class LayerComparison:
 
     @property
     def identical(self) -> bool:
-        """True when every compared tensor matches exactly."""
-        return self.first_divergence is None
+        """True when at least one tensor was compared and every compared tensor matches exactly.
+
+        False when no tensor name was in both runs (``layers`` is empty): nothing was compared.
+        """
+        return bool(self.layers) and self.first_divergence is None
 
     @property
     def max_lsb(self) -> int:
@@ -79,7 +82,8 @@ def compare_layers(
     scales: dict[str, float],
 ) -> LayerComparison:
     """Compare ``a`` and ``b`` tensor by tensor in ``order`` (names in only one run are listed
-    in ``missing``). Shapes must match; a mismatch raises ValueError naming the tensor."""
+    in ``missing``; when no name is in both, ``layers`` is empty and ``identical`` False).
+    Shapes must match; a mismatch raises ValueError naming the tensor."""
     layers: list[TensorDiff] = []
     missing: list[str] = []
     first: str | None = None
@@ -117,7 +121,9 @@ def compare_results(
     ``keep_intermediates=True``); ``first_divergence`` names the first layer where they part.
 
     ``order`` defaults to the execution order read from either artifact (TFLite operators or
-    ONNX nodes); scales (for ``max_real``) come from the artifacts too.
+    ONNX nodes), else the names of ``a`` then those only ``b`` has; scales (for ``max_real``)
+    come from the artifacts too. When no name is in both runs, ``layers`` is empty and
+    ``identical`` is False.
 
     >>> r = compare_results(run_tflm(p, x, keep_intermediates=True),  # doctest: +SKIP
     ...                     run_mcu(p, x, board="rp2040", keep_intermediates=True))
@@ -131,7 +137,8 @@ def compare_results(
             if name in vals:
                 vals[name] = _hwc_flat_to_chw(vals[name], chw)
     if order is None:
-        order = next((i["order"] for i in infos if i["order"]), None) or list(values[0])
+        fallback = list(values[0]) + [n for n in values[1] if n not in values[0]]
+        order = next((i["order"] for i in infos if i["order"]), None) or fallback
         order = [n for n in order if n in values[0] or n in values[1]]
     scales = {**infos[1]["scales"], **infos[0]["scales"]}
     aligned_a, aligned_b = {}, {}

@@ -168,10 +168,13 @@ class MemoryReport:
     constant_bytes: int  # weights and biases alone
     runtime_code_bytes: int  # estimate, see latency.RUNTIME_CODE_BYTES
     flash_bytes: int  # file_bytes + runtime_code_bytes
-    largest_tensor: str
+    largest_tensor: str  # the largest activation
     largest_tensor_bytes: int
     peak_op: int  # operator index where the live activations peak
     live_bytes_per_op: list[int]
+    largest_constant: str  # the largest weight or bias tensor ("-" when there is none)
+    largest_constant_bytes: int
+    largest_constant_op: int  # index of the first operator that reads it (-1: none)
 
     def as_dict(self) -> dict:
         """JSON-ready form."""
@@ -207,6 +210,7 @@ def memory_report(model: TfliteModel, kernels: str = "cmsis-nn") -> MemoryReport
     largest = max(tensors, key=lambda b: b.size, default=Buffer("-", 0, 0, 0))
     code = runtime_code_bytes(model)
     peak_op = int(np.argmax(full.live_bytes_per_op)) if full.live_bytes_per_op else 0
+    big, big_bytes, big_op = _largest_constant(model)
     return MemoryReport(
         arena_bytes=full.peak_bytes,
         activation_bytes=act.peak_bytes,
@@ -221,4 +225,18 @@ def memory_report(model: TfliteModel, kernels: str = "cmsis-nn") -> MemoryReport
         largest_tensor_bytes=largest.size,
         peak_op=peak_op,
         live_bytes_per_op=full.live_bytes_per_op,
+        largest_constant=big,
+        largest_constant_bytes=big_bytes,
+        largest_constant_op=big_op,
     )
+
+
+def _largest_constant(model: TfliteModel) -> tuple[str, int, int]:
+    """Name and bytes of the largest constant tensor (the first of equal ones) and the index of
+    the first operator that reads it; ("-", 0, -1) when the model has no constant."""
+    constants = [(int(t.data.nbytes), t) for t in model.tensors if t.data is not None]
+    if not constants:
+        return "-", 0, -1
+    nbytes, big = max(constants, key=lambda c: c[0])  # max keeps the first of equal sizes
+    readers = (k for k, op in enumerate(model.operators) if big.index in op.inputs)
+    return big.name, nbytes, next(readers, -1)

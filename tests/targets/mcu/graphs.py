@@ -26,6 +26,17 @@ def every_op_cnn(seed: int = 0) -> Graph:
     return b.build([out])
 
 
+def conv1d_net(seed: int = 0) -> Graph:
+    """A 1-D (Conv1d) model, (N, 3, 24) in and a (N, 6, 12) feature map out: conv, depthwise,
+    max pool, 1x1 conv. TFLite holds its tensors as (N, 1, L, C)."""
+    rng = np.random.default_rng(seed)
+    b = GraphBuilder(rng.normal(0, 1, (8, 3, 24)).astype(np.float32), seed=seed)
+    x = b.conv(b.input, 8, 5, padding=2, activation="relu")
+    x = b.conv(x, 8, 3, padding=1, groups=8, activation="relu6")
+    x = b.max_pool(x, 2)
+    return b.build([b.conv(x, 6, 1)])
+
+
 def resnet8(seed: int = 0) -> Graph:
     """MLPerf Tiny's ResNet-8 shape (32x32x3, stacks of 16/32/64 channels, ~12.5 M MACs)."""
     rng = np.random.default_rng(seed)

@@ -83,3 +83,15 @@ def test_layouts_are_aligned_by_rank_and_missing_intermediates_are_an_error():
     c = TargetResult("c", "x", True, details={"intermediates": {"t": nchw[:, :2]}})
     with pytest.raises(ValueError, match=r"tensor 't' has shape \(2, 3, 4, 5\) in one run"):
         compare_results(a, c)
+
+
+def test_no_tensor_in_common_is_not_identical():
+    # Runs of two different graphs share no tensor name: nothing is compared, and "identical"
+    # must not claim otherwise.
+    a = TargetResult("a", "none.onnx", True, details={"intermediates": {"x": np.zeros(3, np.int8)}})
+    b = TargetResult(
+        "b", "none.tflite", True, details={"intermediates": {"y": np.ones(3, np.int8)}}
+    )
+    r = compare_results(a, b)
+    assert r.layers == [] and r.first_divergence is None and not r.identical
+    assert sorted(r.missing) == ["x", "y"]
