@@ -1,7 +1,10 @@
 """Data-parallel fine-tuning: two ranks under torchrun (gloo, CPU) and the single-process rules.
 
 The two launched tests start ``tests/_ddp_worker.py`` with ``torchrun --standalone``; each takes
-about 20 s on a loaded 2-core machine. The rest run in this process, without a process group.
+about 20 s on a loaded 2-core machine. The two marked slow run the real command,
+``torchrun --nproc-per-node=2 -m edgekiln run``, with every rank's file writes logged (about 30 s
+for a whole run, 20 s for one a rank breaks). The rest run in this process, without a process
+group.
 """
 
 from __future__ import annotations
@@ -33,20 +36,22 @@ from edgekiln.distributed import (
     wrap,
 )
 from edgekiln.pipeline.train import batch_share
+from edgekiln.report import verify_manifest
 
 REPO = Path(__file__).parents[1]
 WORKER = REPO / "tests" / "_ddp_worker.py"
 
 # After 2 epochs (20 steps of Adam, lr 2e-3) the weights of the 2-rank run and of one process
 # with the same global batch differ only through the order of float sums (each rank sums half a
-# batch; gloo adds the halves): 2.98e-8 (one float32 ULP at |w| ~ 0.3) while biases trained in
-# float. Since training rounds each bias onto its int32 grid (input scale x weight scale), a
-# last-bit difference can flip one bias by one grid step and that step feeds the next updates:
-# measured 5.2e-8 after epoch 1 and 1.15e-5 after epoch 2, with masks, zero points and scales
-# still agreeing. 1e-4 (about 3e-4 of a typical weight) bounds that; masks and step counts
-# stay exact and scales within 1e-5 relative, which is what a real divergence would break.
-# Longer runs drift apart as much as one process does with 1 thread vs 2 threads (measured side
-# by side, see docs/distributed.md).
+# batch; gloo adds the halves). Measured (two runs, identical): weights 6.7e-8 and biases 2.2e-8
+# apart after epoch 1 and after epoch 2, scales 2.1e-7 relative, zero points, masks and steps
+# equal, losses 3.1e-8 relative. Since training rounds each bias onto its int32 grid (input
+# scale x weight scale), a last-bit difference can flip one bias by one grid step and that step
+# feeds the next updates: an earlier version measured 1.15e-5 after epoch 2 that way, with
+# masks, zero points and scales still agreeing. 1e-4 (about 3e-4 of a typical weight) bounds
+# that; masks and step counts stay exact and scales within 1e-5 relative, which is what a real
+# divergence would break. Longer runs drift apart as much as one process does with 1 thread vs
+# 2 threads (measured side by side, see docs/distributed.md).
 WEIGHT_TOLERANCE = 1e-4
 
 
@@ -239,27 +244,67 @@ latency_runs = 1
 """
 
 
-def _run_accepts_a_context() -> bool:
-    import inspect
+# Installed as sitecustomize in every rank: logs each path the rank opens for writing, creates,
+# renames onto or removes, to $EDGEKILN_TEST_WRITES/rank<r>.txt (os.write on an fd opened
+# before the hook, so the hook never sees its own log). Writes made by C++ code are not seen.
+AUDIT_HOOK = """
+import os, sys
 
-    from edgekiln.run import run
+if os.environ.get("RANK") is not None and os.environ.get("EDGEKILN_TEST_WRITES"):
+    _log = os.path.join(os.environ["EDGEKILN_TEST_WRITES"], "rank" + os.environ["RANK"] + ".txt")
+    _fd = os.open(_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    _WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+    _PATH_ARG = {"os.rename": 1, "os.link": 1, "os.symlink": 1, "os.mkdir": 0, "os.remove": 0,
+                 "os.rmdir": 0, "os.truncate": 0, "os.chmod": 0, "shutil.rmtree": 0}
 
-    return "ctx" in inspect.signature(run).parameters
+    def _audit(event, args):
+        if event == "open":
+            path, mode, flags = args
+            if not (set(mode or "") & set("wax+") or (flags or 0) & _WRITE):
+                return
+        elif event in _PATH_ARG:
+            path = args[_PATH_ARG[event]]
+        else:
+            return
+        if isinstance(path, (str, bytes, os.PathLike)):
+            os.write(_fd, f"{event}\\t{os.path.abspath(os.fsdecode(path))}\\n".encode())
+
+    sys.addaudithook(_audit)
+"""
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(
-    not _run_accepts_a_context(), reason="edgekiln.run does not take a DistContext yet"
-)
-def test_torchrun_edgekiln_run_writes_one_complete_run_directory(tmp_path: Path) -> None:
-    recipe = tmp_path / "tiny.toml"
-    recipe.write_text(TINY_RECIPE)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+def _run_command(tmp_path: Path, recipe: str, *args: str, pythonpath: tuple[Path, ...] = ()):
+    """``torchrun --nproc-per-node=2 -m edgekiln run RECIPE ...`` in ``tmp_path``, every rank's
+    writes logged; returns the finished process and the paths each rank wrote, by rank."""
+    (tmp_path / "recipe.toml").write_text(recipe)
+    hook, writes = tmp_path / "hook", tmp_path / "writes"
+    hook.mkdir()
+    writes.mkdir()
+    (hook / "sitecustomize.py").write_text(AUDIT_HOOK)
+    path = os.pathsep.join(str(p) for p in [hook, REPO, *pythonpath])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    env["EDGEKILN_TEST_WRITES"] = str(writes)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    command += ["--nproc-per-node=2", "-m", "edgekiln", "run", str(recipe), "--quiet"]
+    command += ["--nproc-per-node=2", "-m", "edgekiln", "run", "recipe.toml", "--quiet", *args]
     done = subprocess.run(
         command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
     )
+    written = {}
+    for rank in (0, 1):
+        log = writes / f"rank{rank}.txt"  # created when the hook is installed
+        assert log.exists(), f"no write log of rank {rank}: the audit hook did not run there"
+        written[rank] = [tuple(line.split("\t", 1)) for line in log.read_text().splitlines()]
+    return done, written
+
+
+def _inside(root: Path, written: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    root = root.resolve()
+    return [(event, p) for event, p in written if Path(p).resolve().is_relative_to(root)]
+
+
+@pytest.mark.slow
+def test_torchrun_edgekiln_run_writes_one_complete_run_directory(tmp_path: Path) -> None:
+    done, written = _run_command(tmp_path, TINY_RECIPE)
     assert done.returncode == 0, done.stderr[-4000:]
     # no --out: rank 0 chose a timestamped directory and the other rank used the same one
     (run_dir,) = (tmp_path / "runs").iterdir()
@@ -267,3 +312,85 @@ def test_torchrun_edgekiln_run_writes_one_complete_run_directory(tmp_path: Path)
     assert done.stdout.count("float accuracy") == 1  # rank 0 alone prints the summary
     state = json.loads((run_dir / "state.json").read_text())
     assert state["completed"][:2] == ["float", "qat"]
+    # rank 1 wrote nothing under runs/; rank 0 wrote every file there, and the manifest (its
+    # last write) lists all of them, unchanged, with no temporary file left behind
+    assert _inside(tmp_path / "runs", written[1]) == []
+    files = sorted(p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file())
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert files == sorted([e["path"] for e in manifest["files"]] + ["manifest.json"])
+    assert verify_manifest(run_dir) == []
+    by_rank0 = {Path(p).resolve() for _, p in _inside(run_dir, written[0])}
+    assert {(run_dir / f).resolve() for f in files} <= by_rank0
+
+
+FAILING_MODEL = """
+import os
+
+import torch
+from torch import nn
+
+
+class FailsOnRank1(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 8 * 8, 3)
+        self.training_steps = 0
+
+    def forward(self, x):
+        if self.training and os.environ.get("RANK") == "1":
+            self.training_steps += 1
+            if self.training_steps == 5:  # the first step of the second epoch
+                raise RuntimeError("user model failed on rank 1 in training step 5")
+        return self.fc(torch.flatten(torch.relu(self.conv(x)), 1))
+
+
+def build():
+    return FailsOnRank1()
+"""
+
+FAILING_RECIPE = """
+[model]
+source = "failing_model:build"
+[data]
+source = "tiny.npz"
+[train]
+float_epochs = 2
+qat_epochs = 1
+batch_size = 16
+[targets]
+names = ["mcu:nrf52840"]
+latency_runs = 1
+"""
+
+
+@pytest.mark.slow
+def test_a_rank_failing_in_edgekiln_run_fails_the_run_and_leaves_nothing_complete(
+    tmp_path: Path,
+) -> None:
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "failing_model.py").write_text(FAILING_MODEL)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(80, 1, 8, 8)).astype(np.float32)
+    y = rng.integers(0, 3, 80)
+    np.savez(tmp_path / "tiny.npz", x_train=x[:64], y_train=y[:64], x_test=x[64:], y_test=y[64:])
+    out = tmp_path / "out"
+    done, written = _run_command(tmp_path, FAILING_RECIPE, "--out", str(out), pythonpath=(user,))
+    assert done.returncode != 0
+    output = done.stdout + done.stderr
+    message = "RuntimeError: user model failed on rank 1 in training step 5"
+    assert "edgekiln run: error: user model failed on rank 1 in training step 5" in output
+    # the CLI records the error for torchrun, whose summary names rank 1 and shows it
+    root_cause = output.split("Root Cause")[1]
+    assert "rank      : 1" in root_cause and message in root_cause
+    # rank 0 made the directory and may have checkpointed epoch 1, but nothing in it looks like
+    # a finished run: no manifest, no report, no stage marked complete
+    assert out.is_dir()
+    assert not (out / "manifest.json").exists() and not (out / "report.json").exists()
+    assert not list(out.glob("report*")) and not (out / "model.tflite").exists()
+    if (out / "state.json").exists():
+        assert json.loads((out / "state.json").read_text())["completed"] == []
+    # rank 1's writes are seen (its error file for torchrun), and none went into the run
+    assert any(path.endswith("error.json") for _, path in written[1])
+    assert _inside(out, written[1]) == []

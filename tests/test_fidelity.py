@@ -57,31 +57,45 @@ def test_runtime_pairs_are_measured_and_the_simulator_is_bit_exact(mnist_run):
     assert pairs[("tflm", "mcu:stm32h743")]["differing"] == 0
 
 
+def _onnx_qparams(model: onnx.ModelProto) -> dict[str, list[tuple[np.ndarray, np.ndarray, int]]]:
+    """Every (scale, zero point, axis) a QuantizeLinear writes or a DequantizeLinear reads, by
+    the int8 tensor's name: an activation has one of each, with the same parameters."""
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    found: dict[str, list[tuple[np.ndarray, np.ndarray, int]]] = {}
+    for node in model.graph.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        name = node.input[0] if node.op_type == "DequantizeLinear" else node.output[0]
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)  # ONNX's default
+        scale, zero_point = (np.atleast_1d(inits[n]) for n in node.input[1:3])
+        found.setdefault(name, []).append((scale, zero_point, axis))
+    return found
+
+
 def test_onnx_and_tflite_carry_the_graphs_parameters(mnist_run):
     out, _ = mnist_run
     graph = load_graph(out / "graph.npz")
     tfl = {t.name: t for t in read_tflite(out / "model.tflite").tensors}
     model = onnx.load(out / "model.onnx")
-    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    onnx_q = {}
-    for node in model.graph.node:
-        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and node.input[1] in inits:
-            onnx_q.setdefault(
-                node.input[0] if node.op_type == "DequantizeLinear" else node.output[0],
-                (inits[node.input[1]], inits[node.input[2]]),
-            )
-    checked = 0
+    onnx.checker.check_model(model, full_check=True)
+    onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+    shapes = {i.name: tuple(i.dims) for i in model.graph.initializer}
+    onnx_q = _onnx_qparams(model)
+    assert not set(graph.tensors) - set(onnx_q), "graph tensors missing from model.onnx"
+    assert not set(graph.tensors) - set(tfl), "graph tensors missing from model.tflite"
+    per_channel = 0
     for name, tensor in graph.tensors.items():
-        q = tensor.quant
-        if name in tfl and tfl[name].scale.size:
-            np.testing.assert_array_equal(tfl[name].scale, q.scale, err_msg=name)
-            np.testing.assert_array_equal(tfl[name].zero_point, q.zero_point, err_msg=name)
-            checked += 1
-        if name in onnx_q:
-            scale, zero_point = onnx_q[name]
-            np.testing.assert_array_equal(np.atleast_1d(scale), q.scale, err_msg=name)
-            np.testing.assert_array_equal(np.atleast_1d(zero_point), q.zero_point, err_msg=name)
-            checked += 1
-    assert checked >= len(graph.tensors)  # every tensor checked in at least one artifact
+        t = tfl[name]
+        for scale, zero_point, axis in onnx_q[name]:  # one per Q/DQ node of the tensor
+            # tensor by tensor, the two artifacts hold the same numbers, in the same dtype
+            np.testing.assert_array_equal(scale, t.scale, err_msg=name, strict=True)
+            np.testing.assert_array_equal(zero_point, t.zero_point, err_msg=name)
+            if t.scale.size > 1:  # per channel: each file's channel axis holds that many
+                assert shapes[name][axis] == t.shape[t.quantized_dimension] == t.scale.size, name
+        np.testing.assert_array_equal(t.scale, tensor.quant.scale, err_msg=name)
+        np.testing.assert_array_equal(t.zero_point, tensor.quant.zero_point, err_msg=name)
+        per_channel += t.scale.size > 1
+    print(f"\n{len(graph.tensors)} tensors equal in both artifacts, {per_channel} per channel")
+    assert per_channel >= 3  # the weights and biases of the convolutions at least
     report = json.loads((out / "report.json").read_text())
     assert {a["format"] for a in report["artifacts"]} == {"onnx", "tflite", "graph"}

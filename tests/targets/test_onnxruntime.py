@@ -6,6 +6,9 @@ module-scoped fixtures.
 """
 
 import doctest
+import platform
+import time
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -250,10 +253,50 @@ def test_model_ort_rejects_is_a_failed_result(tmp_path, small_model):
     assert not r.ok and "failed in its child process" in r.error and "NoSuchOp" in r.error
 
 
-def test_hang_is_a_failed_result(small_model):
-    _, path = small_model
-    r = run_onnxruntime(path, np.zeros((1, 4, 32), np.float32), timeout=0.01)
-    assert not r.ok and "did not finish within 0.01 s" in r.error
+def _loop_model(trips: int) -> onnx.ModelProto:
+    """y = x + trips, one Loop iteration per addition: 2**62 trips never finish."""
+    body = helper.make_graph(
+        [
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+            helper.make_node("Add", ["x_in", "one"], ["x_out"]),
+        ],
+        "body",
+        [
+            helper.make_tensor_value_info("i", onnx.TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", onnx.TensorProto.BOOL, []),
+            helper.make_tensor_value_info("x_in", onnx.TensorProto.FLOAT, ["N", 4]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", onnx.TensorProto.BOOL, []),
+            helper.make_tensor_value_info("x_out", onnx.TensorProto.FLOAT, ["N", 4]),
+        ],
+        [helper.make_tensor("one", onnx.TensorProto.FLOAT, [], [1.0])],
+    )
+    graph = helper.make_graph(
+        [helper.make_node("Loop", ["trips", "", "x"], ["y"], body=body)],
+        "spin",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor("trips", onnx.TensorProto.INT64, [], [trips])],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+def test_hang_is_a_failed_result(tmp_path):
+    # 10 s: measured ~3 s for a child to start, import ORT, build the session and run 10 trips
+    timeout = 10.0
+    x = np.zeros((1, 4), np.float32)
+    onnx.save(_loop_model(10), tmp_path / "ten.onnx")
+    onnx.save(_loop_model(1 << 62), tmp_path / "spin.onnx")
+    # the same time-out lets the finite loop finish: what stops the other one is its run
+    finite = run_onnxruntime(tmp_path / "ten.onnx", x, runs=0, timeout=timeout)
+    assert finite.ok, finite.error
+    np.testing.assert_array_equal(finite.outputs, np.full((1, 4), 10, np.float32))
+    start = time.monotonic()
+    r = run_onnxruntime(tmp_path / "spin.onnx", x, runs=0, timeout=timeout)
+    elapsed = time.monotonic() - start
+    assert not r.ok and r.error == "_child_run did not finish within 10 s; stopped it"
+    assert timeout <= elapsed < timeout + 5  # waited the whole limit, then stopped the child
 
 
 def test_missing_file_raises(tmp_path):
@@ -309,8 +352,38 @@ def test_int8_data_into_a_model_with_uint8_input_raises(tmp_path):
         run_onnxruntime(path, np.zeros((2, 4), np.float32))
 
 
-def test_cpu_vnni_is_known_on_linux():
-    assert cpu_has_vnni() in (True, False, None)
+@pytest.mark.skipif(platform.system() != "Linux", reason="reads /proc/cpuinfo")
+def test_cpu_vnni_matches_the_cpus_flags():
+    flags = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+    assert cpu_has_vnni() is bool(flags & {"avx512_vnni", "avx_vnni"})
+
+
+@pytest.mark.parametrize(
+    ("system", "cpuinfo", "expected"),
+    [
+        ("Linux", "flags\t\t: fpu sse4_2 avx2 avx512f avx512_vnni\n", True),
+        ("Linux", "processor\t: 0\nflags\t\t: fpu avx2 avx_vnni\n", True),
+        ("Linux", "flags\t\t: fpu avx2 avx512f avx512vl\n", False),  # AVX-512 without VNNI
+        ("Linux", None, None),  # /proc/cpuinfo unreadable
+        ("Darwin", "flags\t\t: avx512_vnni\n", None),
+    ],
+)
+def test_cpu_vnni_reads_the_flags_line(monkeypatch, system, cpuinfo, expected):
+    class FakeCpuinfo:
+        def __init__(self, path: str) -> None:
+            assert path == "/proc/cpuinfo"
+
+        def read_text(self) -> str:
+            if cpuinfo is None:
+                raise PermissionError("/proc/cpuinfo")
+            return cpuinfo
+
+    monkeypatch.setattr(ort_target.platform, "system", lambda: system)
+    monkeypatch.setattr(ort_target, "Path", FakeCpuinfo)
+    assert cpu_has_vnni() is expected
 
 
 def test_docstring_examples():
