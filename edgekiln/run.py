@@ -319,6 +319,10 @@ class _Run:
         first = self._restore(ckpt, prepared, optimizer, stage) if ckpt else 0
         prune_epochs = train.prune_epochs if self._prune_then_qat() else 0
         epochs = prune_epochs + train.qat_epochs
+        if self._prune_then_qat() and first >= prune_epochs:
+            # In the QAT phase already: resumed into it, or no pruning epochs were asked for
+            # (the masks are then taken from the float weights). Idempotent.
+            start_qat(prepared)
         if epochs == 0:
             self.progress.start("calibration", None)
             calibrate(prepared, data.x_train if len(data.x_train) else data.x_test)
@@ -336,8 +340,6 @@ class _Run:
                 self.state.facts[f"{stage}_loss"] = losses
                 self._checkpoint(ckpt, prepared, optimizer, stage, epoch + 1)
 
-        if prune_epochs and first >= prune_epochs:
-            start_qat(prepared)  # resumed in the QAT phase (idempotent)
         if epochs > first:
             label = "prune, then QAT" if prune_epochs else "QAT fine-tuning"
             config = TrainConfig(epochs, train.batch_size, train.qat_lr, train.seed + 1)
