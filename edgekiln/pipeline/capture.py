@@ -311,18 +311,24 @@ class _Capture:
         for what, arr in (("weight", w_np), ("weight scale", s_w), ("bias", b.numpy())):
             if not np.all(np.isfinite(arr)):
                 raise CaptureError(f"layer {layer!r} has a non-finite {what}: refusing to export")
-        w_int = QParams.per_channel(s_w, axis=0).quantize(w_np)  # (C_out, C_in / g, *k) int8
-        s_w = _fit_dead_channel_scales(w_int, s_w, s_in, b.numpy())
+        # The weight scales are the trained ones, floored by prepare so that each bias fits.
         w_q = QParams.per_channel(s_w, axis=0)
-        w_int = w_q.quantize(w_np)
+        w_int = w_q.quantize(w_np)  # (C_out, C_in / g, *k) int8
         # The rounding training applies (BiasQuant): round(b / (s_in * s_w)) half to even.
         steps, b_scale_t = bias_steps(b, torch.tensor(s_in), torch.tensor(s_w))
         b_scale = b_scale_t.numpy()  # (C_out,) float32
         b_int = steps.numpy()  # (C_out,) float64 integers
         if np.abs(b_int).max(initial=0) > INT32_MAX:
+            c = int(np.abs(b_int).argmax())
             raise CaptureError(
-                f"layer {layer!r}: a bias does not fit int32 at scale input x weight scale; "
-                "its weights or input range are near zero"
+                f"layer {layer!r}: a bias does not fit int32 at scale input x weight scale: "
+                f"output channel {c} has bias {float(b[c]):.6g}, {abs(b_int[c]):.4g} steps of "
+                f"{float(s_in[0]):.6g} x {float(s_w[c]):.6g}, over int32's {INT32_MAX}. prepare "
+                "floors each weight scale so that a bias spans at most 2**30 steps, and training "
+                "forwards set that floor: calibrate again (edgekiln.calibrate(model, x)) with the "
+                "weight quantizers unfrozen (FakeQuantizer.unfreeze(), or a larger recipe "
+                "freeze_observers_after), then capture. This happens to a checkpoint saved "
+                "before weight floors, or a bias that grew after its floor froze"
             )
         w_name, b_name = f"{layer}.weight", f"{layer}.bias"
         self.tensors[w_name] = IRTensor(w_name, w_int.shape, DType.INT8, w_q, w_int)
@@ -468,22 +474,6 @@ class _Capture:
 
     def _batch_norm(self, node: fx.Node, module: nn.Module | None) -> None:
         raise unsupported(node, "BatchNorm left in a prepared model")
-
-
-def _fit_dead_channel_scales(
-    w_int: np.ndarray, s_w: np.ndarray, s_in: np.ndarray, bias: np.ndarray
-) -> np.ndarray:
-    """Weight scales (C_out,) float32 where every all-zero output channel can hold its bias.
-
-    An all-zero filter (dead, or pruned) observes a zero range and gets the minimum scale, so
-    its bias would not fit int32 at ``input_scale * weight_scale``. Any scale represents zero
-    weights; take the smallest that puts the bias within 2**30 (precision kept, int32 safe).
-    """
-    dead = ~(w_int != 0).reshape(w_int.shape[0], -1).any(axis=1)  # (C_out,) bool
-    if not dead.any():
-        return s_w
-    need = (np.abs(bias.astype(np.float64)) / (float(s_in[0]) * 2.0**30)).astype(np.float32)
-    return np.where(dead, np.maximum(s_w, need), s_w).astype(np.float32)
 
 
 def _conv_attrs(module: nn.Conv1d | nn.Conv2d) -> dict[str, Any]:

@@ -18,7 +18,8 @@ Steps, in order:
    forward (:class:`BiasQuant`, straight-through gradient), with the scale of the quantizer
    that feeds the layer and the weight's FakeQuant scales: ``capture`` rounds with the same
    function, so the fake-quantized model adds the bias the int8 graph stores; and give the
-   output quantizer of every conv, linear and add a scale floor (see "Scale floors" below).
+   weight quantizer of every conv and linear with a bias, and the output quantizer of every
+   conv, linear and add, a scale floor (see "Scale floors" below).
 
 ``capture`` reads the prepared model back through the same classification
 (``edgekiln.pipeline.ops``).
@@ -56,6 +57,14 @@ keeps every input-to-output multiplier at or below 128, half of XNNPACK's limit 
 only where the output range is under about 1% of the inputs' ranges (a ReLU after an add that
 is negative on the calibration data). The model input keeps ``MIN_SCALE`` for a zero range (an
 all-zero input has no producer to take a step from).
+
+A conv or linear weight scale is kept, per output channel, at or above
+``|bias[c]| / (input_scale * 2**30)``, so its int32 bias stays within ``2**30`` steps of
+``input_scale * weight_scale[c]`` (half of int32: room for the bias to move between updates).
+The weight's FakeQuant and :class:`BiasQuant` both read the floored scale, so training and
+``capture`` agree. It binds only where an input step times a weight step is under ``2**-30``
+of the bias: a dead or near-dead input range (``MIN_SCALE``, data near zero) or an all-zero
+filter, where the input adds almost nothing to the bias and coarser weights cost nothing.
 
 ``recipe.sparsity_mode = "prune_then_qat"`` starts the model with fake-quantization off (the
 pruning phase); ``edgekiln.pipeline.constraints.start_qat(model)`` freezes the masks and turns
@@ -113,6 +122,9 @@ SOFTMAX_ZERO_POINT = -128
 ADD_INT16_STEPS = 127.0
 """An add's output scale floor is ``(s_a + s_b) / ADD_INT16_STEPS`` (LiteRT's int16 sum): the
 exact limit is ``(32767 - 128) / 255 = 127.996``, less a margin for float32 rounding."""
+BIAS_STEPS_LIMIT = 2.0**30
+"""A weight scale floor keeps ``|bias| / (input_scale * weight_scale)`` at or below this: half of
+int32's range, so a bias that moves after the floor was last set still fits."""
 
 
 class ActivationQuant(nn.Module):
@@ -230,6 +242,29 @@ class _AccumulatorStep:
         input_scale, _ = self.source.qparams()  # float32, shape ()
         weight_scale, _ = self.weight_quantizer.qparams()  # float32, shape (C_out,) or ()
         return input_scale.reshape(()) * weight_scale.max()
+
+
+class _BiasGridFloor:
+    """Weight scale floor of a conv / linear: ``|bias| / (input_scale * BIAS_STEPS_LIMIT)``.
+
+    float32, shape ``(C_out,)``: the bias before :class:`BiasQuant` (channel masks applied),
+    so the floor is set before the bias is rounded with the floored scale. No host reads.
+    """
+
+    def __init__(self, source: ActivationQuant | FixedQuant, module: nn.Module) -> None:
+        self.source = source
+        self.module = module
+
+    @torch.no_grad()
+    def __call__(self) -> Tensor | None:
+        if isinstance(self.source, ActivationQuant) and not self.source.quantizer.observed:
+            return None
+        bias = unrounded_bias(self.module)
+        if bias is None:
+            return None
+        input_scale, _ = self.source.qparams()  # float32, shape ()
+        grid = input_scale.to(bias.device).reshape(()) * BIAS_STEPS_LIMIT
+        return bias.detach().float().abs() / grid  # float32, shape (C_out,)
 
 
 class _AddInputStep:
@@ -610,7 +645,7 @@ def _insert_quantizers(gm: fx.GraphModule, recipe: Recipe) -> None:
 
 
 def _link_scales(gm: fx.GraphModule) -> None:
-    """Step 5: BiasQuant on every conv / linear bias, scale floors on conv, linear and add outputs.
+    """Step 5: BiasQuant on every conv / linear bias; scale floors on weights and on outputs.
 
     Runs on the graph with its quantizers in place, so each layer's input quantizer is the
     QUANT node before it (through ops that share their input's parameters).
@@ -648,6 +683,7 @@ def _link_scales(gm: fx.GraphModule) -> None:
             parametrize.register_parametrization(
                 module, "bias", BiasQuant(source, quantizer), unsafe=True
             )
+            quantizer.add_scale_floor(_BiasGridFloor(source, module))
         output = _output_quant(node, infos)
         if output is not None:
             output.add_scale_floor(_AccumulatorStep(source, quantizer))

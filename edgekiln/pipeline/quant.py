@@ -215,8 +215,9 @@ def _qparams_from_range(
 ) -> tuple[Tensor, Tensor]:
     """:func:`compute_qparams` without the input checks (the observers' hot path).
 
-    ``floor`` (float32, shape ``()``) raises the scale to at least that value before the zero
-    point is computed (see :meth:`FakeQuantizer.add_scale_floor`).
+    ``floor`` (float32, shape ``()`` or that of ``min_val``) raises the scale to at least that
+    value, channel by channel, before the zero point is computed (see
+    :meth:`FakeQuantizer.add_scale_floor`).
     """
     min_val = torch.clamp(min_val.float(), max=0.0)  # widened to include 0
     max_val = torch.clamp(max_val.float(), min=0.0)
@@ -533,7 +534,8 @@ class Observer(nn.Module):
     def qparams(self, floor: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(scale, zero_point)`` of the observed range (see :func:`compute_qparams`).
 
-        ``floor`` (float32, shape ``()``), when given, is the smallest scale returned.
+        ``floor`` (float32, shape ``()`` or ``(C,)`` per channel), when given, is the smallest
+        scale returned (channel by channel).
 
         Raises:
             RuntimeError: Nothing was observed yet.
@@ -652,8 +654,10 @@ class FakeQuantizer(nn.Module):
     assumes a single caller: several graph points may share one instance and so one scale.
 
     A scale floor (:meth:`add_scale_floor`, set up by ``prepare`` on the outputs of convs, linears
-    and adds) keeps the scale from falling far below the grid of the values that make the tensor;
-    it is the ``scale_floor`` buffer, updated with the range, so it travels with ``state_dict``.
+    and adds, and on the weights of convs and linears with a bias) keeps the scale from falling
+    far below the grid of the values that make the tensor, or that its bias needs; it is the
+    ``scale_floor`` buffer (float32, shape ``()``, or ``(C,)`` on a per-channel quantizer),
+    updated with the range, so it travels with ``state_dict``.
 
     Args:
         spec: The integer grid (default: activations).
@@ -695,7 +699,8 @@ class FakeQuantizer(nn.Module):
         self.freeze_after = freeze_after
         self.register_buffer("enabled", torch.tensor(True))
         self.register_buffer("steps", torch.tensor(0, dtype=torch.int64))
-        self.register_buffer("scale_floor", torch.tensor(0.0))  # float32, shape (): 0 is none
+        # float32, shape () (a per-channel floor: (C,), see add_scale_floor); 0 is none
+        self.register_buffer("scale_floor", torch.tensor(0.0))
         self._floor_sources: list[Callable[[], Tensor | None]] = []
 
     def extra_repr(self) -> str:
@@ -719,18 +724,26 @@ class FakeQuantizer(nn.Module):
         self.observer.unfreeze()
 
     def add_scale_floor(self, source: Callable[[], Tensor | None]) -> None:
-        """Keep the scale at or above ``source()`` (float32, shape ``()``; None: no floor yet).
+        """Keep the scale at or above ``source()`` (float32; None: no floor yet).
 
-        Sources are read after each observation in training and their largest value is kept in
-        the ``scale_floor`` buffer, so eval, ``capture`` and a reloaded checkpoint use the floor
-        training used. A source must be an object (not a lambda) for ``copy.deepcopy`` to
-        re-point its references.
+        A source returns shape ``()``, or on a per-channel quantizer ``()`` or ``(C,)`` (one
+        floor per channel). Sources are read after each observation in training and their
+        largest value (channel by channel) is kept in the ``scale_floor`` buffer, so eval,
+        ``capture`` and a reloaded checkpoint use the floor training used; on a per-channel
+        quantizer that has observed, the buffer takes shape ``(C,)`` here. A source must be an
+        object (not a lambda) for ``copy.deepcopy`` to re-point its references.
 
         >>> fq = FakeQuantizer(ACTIVATION_SPEC, observer="minmax")
         >>> fq.add_scale_floor(lambda: torch.tensor(0.5))
         >>> _ = fq(torch.zeros(3))  # a zero range would get MIN_SCALE
         >>> fq.qparams()[0].item()
         0.5
+        >>> wq = FakeQuantizer(WEIGHT_SPEC, observer="minmax")  # per channel: one floor each
+        >>> wq.observer.observe(torch.tensor([[0.5], [0.0]]))
+        >>> wq.add_scale_floor(lambda: torch.tensor([0.001, 0.25]))
+        >>> _ = wq(torch.tensor([[0.5], [0.0]]))
+        >>> [round(s, 6) for s in wq.qparams()[0].tolist()]  # 0.5 / 127 binds, then the floor
+        [0.003937, 0.25]
         """
         if not callable(source):
             raise TypeError(
@@ -738,12 +751,36 @@ class FakeQuantizer(nn.Module):
                 f"{type(source).__name__}"
             )
         self._floor_sources.append(source)
+        if self.spec.per_channel and self.observed:
+            self.scale_floor = torch.zeros_like(self.observer.min_val)  # float32, shape (C,)
 
     def _update_scale_floor(self) -> None:
-        floors = [f for f in (source() for source in self._floor_sources) if f is not None]
-        if floors:
-            floor = torch.stack([f.detach().float().reshape(()) for f in floors]).max()
+        floor: Tensor | None = None
+        for source in self._floor_sources:
+            value = source()
+            if value is not None:
+                value = value.detach().float()
+                floor = value if floor is None else torch.maximum(floor, value)
+        if floor is None:
+            return
+        if not self.spec.per_channel and floor.dim():
+            floor = floor.amax()  # shape ()
+        if floor.shape == self.scale_floor.shape:
             self.scale_floor.copy_(floor)
+        else:  # a (C,) floor into a () buffer: a fresh quantizer, or an older checkpoint's
+            self.scale_floor = floor.to(self.scale_floor.device, copy=True)
+
+    def _load_from_state_dict(  # type: ignore[no-untyped-def]
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        # A per-channel floor is (C,); one saved before weights had floors (or by a quantizer
+        # that never observed) is (): adopt the saved shape, as the observer does its range.
+        key = prefix + "scale_floor"
+        if key in state_dict and state_dict[key].shape != self.scale_floor.shape:
+            self.scale_floor = torch.empty(state_dict[key].shape, device=self.scale_floor.device)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def qparams(self) -> tuple[Tensor, Tensor]:
         """``(scale, zero_point)``: float32 and int32, shape ``()`` or ``(C,)``.
@@ -774,7 +811,8 @@ class FakeQuantizer(nn.Module):
         except ValueError as error:
             if self.observer.range_is_finite and bool(torch.isfinite(scale).all()):
                 raise
-            floor = f" (scale floor {_bound(self.scale_floor)})" if self._floor_sources else ""
+            shown = _bound(self.scale_floor.max())  # () or (C,)
+            floor = f" (scale floor {shown})" if self._floor_sources else ""
             raise ValueError(
                 f"FakeQuantizer has no usable scale: it observed the range "
                 f"{self.observer.describe_range()}, which gives scale "
