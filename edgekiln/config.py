@@ -451,6 +451,11 @@ def load_config(path: str | Path | None) -> RunConfig:
     if path is None:
         return parse_config({}, Path.cwd(), "built-in default")
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(
+            f"recipe file {str(path)!r} is a directory: name a .toml file, e.g. "
+            f"{str(path / 'recipe.toml')!r} (or --resume {str(path)!r} to finish a run there)"
+        )
     if not path.is_file():
         raise ConfigError(f"recipe file {str(path)!r} does not exist")
     try:

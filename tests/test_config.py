@@ -271,6 +271,8 @@ def test_a_valid_board_is_kept_as_written():
 def test_missing_and_broken_recipe_files(tmp_path):
     with pytest.raises(ConfigError, match=r"recipe file .*nope.toml' does not exist"):
         load_config(tmp_path / "nope.toml")
+    with pytest.raises(ConfigError, match=r"is a directory: name a \.toml file, e\.g\. '.*recipe"):
+        load_config(tmp_path)
     bad = tmp_path / "bad.toml"
     bad.write_text("[train\nlr = 1")
     with pytest.raises(ConfigError, match=r"is not valid TOML"):

@@ -23,6 +23,7 @@ import dataclasses
 import gzip
 import importlib.util
 import logging
+import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -393,15 +394,29 @@ def load_npz(path: str | Path) -> Dataset:
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: a missing or inconsistent key, a wrong dtype or ndim, NaN or inf in ``x``,
-            or a length mismatch between ``x`` and ``y``; the message names the array.
+        ValueError: a file that is not an .npz archive or is damaged, a missing or
+            inconsistent key, a wrong dtype or ndim, NaN or inf in ``x``, or a length mismatch
+            between ``x`` and ``y``; the message names the array.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"dataset file {str(path)!r} does not exist")
-    with np.load(path, allow_pickle=False) as npz:
-        arrays = {key: npz[key] for key in npz.files if key in NPZ_KEYS}
-        present = sorted(npz.files)
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if magic not in (b"PK\x03\x04", b"PK\x05\x06"):  # a zip's first entry, or an empty zip
+        raise ValueError(
+            f"{path}: not an .npz archive (a zip of .npy arrays; the file starts with "
+            f"{magic!r}); write it with numpy.savez(path, x_test=..., y_test=...)"
+        )
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {key: npz[key] for key in npz.files if key in NPZ_KEYS}
+            present = sorted(npz.files)
+    except (zipfile.BadZipFile, EOFError) as e:
+        raise ValueError(
+            f"{path}: the .npz archive is damaged or cut short ({e}); write it again with "
+            "numpy.savez"
+        ) from e
 
     def missing(key: str, why: str) -> ValueError:
         return ValueError(

@@ -1,4 +1,4 @@
-"""Hostile inputs: mutated artifacts, and a tally of what each target made of them.
+"""Hostile inputs: the file every target gets, and its truncated, flipped and patched copies.
 
 Mutations of a ``.tflite`` file are made on the bytes: truncation, bit flips, and field
 patches written at the exact offset of a flatbuffer field (a tensor's shape, type, buffer
@@ -6,23 +6,13 @@ index, scale, zero point, quantized dimension; an operator's opcode index or ten
 the subgraph's inputs; the model's version). Mutations of a ``.onnx`` file are made on the
 protobuf (scales, zero points, shapes, op types, element types, opset) or on its bytes.
 
-``outcome(call)`` runs one target call and names what happened:
-
-- ``rejected``: the artifact checker refused it (TfliteFormatError naming the field);
-- ``clean_error``: another error a user can act on (ValueError and friends, with a message);
-- ``failed_target``: the target returned ``ok=False`` with an error (a runtime crash, hang or
-  refusal contained in its child process);
-- ``ran``: the mutant was still a valid model (a flipped weight bit) and the target ran it;
-- ``crash``: anything else (IndexError, struct.error, ... or an empty message): a bug.
+Each test judges and counts what a target made of a mutant with ``tests.hostile.tally``.
 """
 
 from __future__ import annotations
 
-import json
 import struct
-from collections import Counter
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,16 +20,8 @@ import onnx
 import tflite
 from onnx import TensorProto, numpy_helper
 
-from edgekiln.formats.tflite import TfliteFormatError
 from edgekiln.ir import Graph
 from edgekiln.ir.builder import GraphBuilder
-from edgekiln.targets.base import TargetResult
-
-CLEAN_ERRORS = (ValueError, FileNotFoundError, TypeError)  # TfliteFormatError is a ValueError
-
-# (artifact, mutation kind, target, outcome) -> count, filled by the tests, written at the end
-TALLY: Counter = Counter()
-EXAMPLES: dict[str, str] = {}  # outcome key -> one message, for the report
 
 
 def hostile_graph() -> Graph:
@@ -53,42 +35,6 @@ def hostile_graph() -> Graph:
     q = b.avg_pool(p, 2, 1)
     m = b.mean(q)
     return b.build([b.softmax(b.linear(m, 5))])
-
-
-def outcome(call: Callable[[], Any]) -> tuple[str, str]:
-    """Run ``call`` and classify what happened (see the module docstring)."""
-    try:
-        result = call()
-    except TfliteFormatError as e:
-        return ("rejected" if str(e) else "crash"), str(e)
-    except CLEAN_ERRORS as e:
-        return ("clean_error" if len(str(e)) > 15 else "crash"), f"{type(e).__name__}: {e}"
-    except Exception as e:
-        return "crash", f"{type(e).__name__}: {e}"
-    if isinstance(result, TargetResult) and not result.ok:
-        return ("failed_target" if result.error else "crash"), str(result.error)
-    return "ran", ""
-
-
-def record(artifact: str, kind: str, target: str, result: tuple[str, str]) -> None:
-    """Count one outcome and keep one example message per (artifact, target, outcome)."""
-    TALLY[(artifact, kind, target, result[0])] += 1
-    EXAMPLES.setdefault(f"{artifact}/{target}/{result[0]}", result[1][:300])
-
-
-def write_report(path: Path) -> dict[str, Any]:
-    """Write the tally as JSON (per artifact, target and outcome) and return it."""
-    rows = [
-        {"artifact": a, "mutation": k, "target": t, "outcome": o, "count": n}
-        for (a, k, t, o), n in sorted(TALLY.items())
-    ]
-    totals: Counter = Counter()
-    for (_, _, _, o), n in TALLY.items():
-        totals[o] += n
-    report = {"cases": sum(totals.values()), "outcomes": dict(totals), "rows": rows}
-    report["examples"] = EXAMPLES
-    path.write_text(json.dumps(report, indent=2))
-    return report
 
 
 # ---- bytes ---------------------------------------------------------------------------------

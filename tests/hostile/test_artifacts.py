@@ -2,24 +2,25 @@
 
 Every outcome must be a rejection naming the problem, a clean error, a failed target with an
 error, or a run of a mutant that is still a valid model: never a crash of this process, an
-unnamed exception or a hang (targets run with a timeout). The counts per outcome go into a JSON
-report (``test_zz_report`` prints the table and writes it to the pytest tmp dir, or to
-``$EDGEKILN_HOSTILE_REPORT``).
+unnamed exception or a hang (targets run with a timeout). Every case is counted in the session's
+hostile tally (``tests/hostile/tally.py``), which goes to ``.pytest-reports/hostile.json`` and
+the terminal summary.
 
 Runtime child processes cost ~1 s each, so all mutants go through the checks every target makes
 before a child starts, and through the in-process simulator; only mutants that pass those
 checks (the dangerous ones) reach TFLM, LiteRT and ONNX Runtime, up to ``CHILD_RUNS`` of the
-byte-level ones per artifact in CI (``EDGEKILN_HOSTILE_CHILD_RUNS`` raises it).
+byte-level ones per artifact in CI (``EDGEKILN_HOSTILE_CHILD_RUNS`` raises it). A valid mutant
+over that budget is counted as ``not run`` on those runtimes.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 from edgekiln.exporters.onnx import write_onnx
@@ -29,20 +30,18 @@ from edgekiln.targets.litert import run_litert
 from edgekiln.targets.mcu import run_mcu
 from edgekiln.targets.onnxruntime import run_onnxruntime
 from edgekiln.targets.tflm import run_tflm
-from tests.hostile import mutate
 from tests.hostile.mutate import (
     bit_flips,
     hostile_graph,
     onnx_field_mutants,
-    outcome,
-    record,
     tflite_field_mutants,
     truncations,
 )
+from tests.hostile.tally import RAN, TALLY, judge, not_run
 
 CHILD_RUNS = int(os.environ.get("EDGEKILN_HOSTILE_CHILD_RUNS", "4"))
 TIMEOUT = 60.0
-ALLOWED = {"rejected", "clean_error", "failed_target", "ran"}
+KINDS = {"truncate": "truncated", "bit_flip": "bit-flipped", "field": "field-mutated"}
 X = np.random.default_rng(1).normal(0, 1, (3, 3, 8, 8)).astype(np.float32)
 
 
@@ -62,10 +61,7 @@ def onnx_data(graph, tmp_path_factory):
 
 
 def _tflite_targets(path: Path, child: bool) -> dict:
-    calls = {
-        "check_tflite": lambda: check_tflite(path),
-        "mcu": lambda: run_mcu(path, X, board="nucleo-l4r5zi"),
-    }
+    calls = {"mcu": lambda: run_mcu(path, X, board="nucleo-l4r5zi")}
     if child:
         calls["tflm"] = lambda: run_tflm(path, X, runs=1, warmup=0, timeout=TIMEOUT)
         calls["litert"] = lambda: run_litert(path, X, runs=1, warmup=0, timeout=TIMEOUT)
@@ -79,39 +75,46 @@ def _parent_checks(run, path: Path):
     return run(path, X[:0])  # an empty batch: raises after the artifact checks, before a child
 
 
+def _over_budget(budget: int) -> str:
+    return f"passes the artifact checks; over the budget of {budget} runtime child processes"
+
+
 def _run_tflite_mutants(kind, mutants, tmp_path, child_budget):
-    crashes = []
+    failed = []
     for name, data in mutants:
         path = tmp_path / f"{name.replace('/', '_')}.tflite"
         path.write_bytes(data)
-        checked = outcome(lambda p=path: check_tflite(p))
-        child = checked[0] == "ran" and child_budget > 0
+        checked = judge(lambda p=path: check_tflite(p))
+        child = checked.outcome == RAN and child_budget > 0
         child_budget -= child
+        verdicts = {"check_tflite": checked}
         for target, call in _tflite_targets(path, child).items():
-            result = outcome(call)
-            if not child and target in ("tflm", "litert") and checked[0] == "ran":
-                continue  # valid file past the checks, not run in a child: nothing to count
-            record("tflite", kind, target, result)
-            if result[0] not in ALLOWED:
-                crashes.append(f"{name} on {target}: {result[1]}")
-    return crashes
+            if not child and target in ("tflm", "litert") and checked.outcome == RAN:
+                verdicts[target] = not_run(_over_budget(CHILD_RUNS))  # valid, never started
+            else:
+                verdicts[target] = judge(call)
+        for target, verdict in verdicts.items():
+            case = TALLY.record(f"tflite {KINDS[kind]}", name, target, verdict)
+            if not case.passes:
+                failed.append(f"{name} on {target}: {verdict}")
+    return failed
 
 
 def test_truncated_tflite(tflite_data, tmp_path):
-    crashes = _run_tflite_mutants("truncate", truncations(tflite_data, 24), tmp_path, CHILD_RUNS)
-    assert not crashes, "\n".join(crashes)
+    failed = _run_tflite_mutants("truncate", truncations(tflite_data, 24), tmp_path, CHILD_RUNS)
+    assert not failed, "\n".join(failed)
 
 
 def test_bit_flipped_tflite(tflite_data, tmp_path):
-    crashes = _run_tflite_mutants("bit_flip", bit_flips(tflite_data, 48), tmp_path, CHILD_RUNS)
-    assert not crashes, "\n".join(crashes)
+    failed = _run_tflite_mutants("bit_flip", bit_flips(tflite_data, 48), tmp_path, CHILD_RUNS)
+    assert not failed, "\n".join(failed)
 
 
 def test_field_mutated_tflite(tflite_data, tmp_path):
     mutants = list(tflite_field_mutants(tflite_data))
     assert len(mutants) >= 25  # the patches found their fields
-    crashes = _run_tflite_mutants("field", mutants, tmp_path, len(mutants))
-    assert not crashes, "\n".join(crashes)
+    failed = _run_tflite_mutants("field", mutants, tmp_path, len(mutants))
+    assert not failed, "\n".join(failed)
 
 
 def test_hostile_tflite_scales_are_named(tflite_data, tmp_path):
@@ -126,59 +129,45 @@ def test_hostile_tflite_scales_are_named(tflite_data, tmp_path):
         run_litert(path, X)
 
 
+def _parses(data: bytes) -> bool:
+    try:
+        onnx.load_from_string(data)
+    except Exception:
+        return False
+    return True
+
+
 def _run_onnx_mutants(kind, mutants, tmp_path, child_budget):
-    crashes = []
+    failed = []
     for name, data in mutants:
         path = tmp_path / f"{name}.onnx"
         path.write_bytes(data)
-        try:
-            import onnx
-
-            onnx.load_from_string(data)
-            parses = True
-        except Exception:
-            parses = False
+        parses = _parses(data)
         if parses and child_budget <= 0:
-            continue
-        child_budget -= parses
-        result = outcome(lambda p=path: run_onnxruntime(p, X, runs=0, timeout=TIMEOUT))
-        record("onnx", kind, "onnxruntime", result)
-        if result[0] not in ALLOWED:
-            crashes.append(f"{name}: {result[1]}")
-    return crashes
+            verdict = not_run(_over_budget(CHILD_RUNS))
+        else:
+            child_budget -= parses
+            verdict = judge(lambda p=path: run_onnxruntime(p, X, runs=0, timeout=TIMEOUT))
+        case = TALLY.record(f"onnx {KINDS[kind]}", name, "onnxruntime", verdict)
+        if not case.passes:
+            failed.append(f"{name}: {verdict}")
+    return failed
 
 
 def test_truncated_onnx(onnx_data, tmp_path):
-    crashes = _run_onnx_mutants("truncate", truncations(onnx_data, 12), tmp_path, CHILD_RUNS)
-    assert not crashes, "\n".join(crashes)
+    failed = _run_onnx_mutants("truncate", truncations(onnx_data, 12), tmp_path, CHILD_RUNS)
+    assert not failed, "\n".join(failed)
 
 
 def test_bit_flipped_onnx(onnx_data, tmp_path):
-    crashes = _run_onnx_mutants("bit_flip", bit_flips(onnx_data, 24), tmp_path, CHILD_RUNS)
-    assert not crashes, "\n".join(crashes)
+    failed = _run_onnx_mutants("bit_flip", bit_flips(onnx_data, 24), tmp_path, CHILD_RUNS)
+    assert not failed, "\n".join(failed)
 
 
 def test_field_mutated_onnx(onnx_data, tmp_path):
     mutants = list(onnx_field_mutants(onnx_data))
-    crashes = _run_onnx_mutants("field", mutants, tmp_path, len(mutants))
-    assert not crashes, "\n".join(crashes)
-
-
-def test_zz_report(tmp_path_factory):
-    # runs last in this file: the table of every hostile case above, by outcome
-    if not mutate.TALLY:
-        return
-    target = os.environ.get("EDGEKILN_HOSTILE_REPORT")
-    path = Path(target) if target else tmp_path_factory.mktemp("hostile") / "report.json"
-    report = mutate.write_report(path)
-    table: dict[str, dict[str, int]] = {}
-    for row in report["rows"]:
-        key = f"{row['artifact']}:{row['mutation']}:{row['target']}"
-        table.setdefault(key, {})[row["outcome"]] = row["count"]
-    print(f"\nhostile artifacts: {report['cases']} cases, {json.dumps(report['outcomes'])}")
-    for key, counts in sorted(table.items()):
-        print(f"  {key:40s} {counts}")
-    assert "crash" not in report["outcomes"]
+    failed = _run_onnx_mutants("field", mutants, tmp_path, len(mutants))
+    assert not failed, "\n".join(failed)
 
 
 def test_onnx_bad_scales_fail_the_target_by_name(onnx_data, tmp_path):

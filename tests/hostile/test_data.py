@@ -1,5 +1,6 @@
 """Wrong-shape, wrong-dtype, NaN / inf and empty data, and labels of the wrong length, on every
-target: each must raise a ValueError naming the problem before any runtime child starts.
+target: each must raise a ValueError naming the problem before any runtime child starts. So
+must a missing artifact file. Every case is counted in the session's hostile tally.
 
 Also: a model file is data, not code. Nothing in edgekiln unpickles a file a user gave it.
 """
@@ -18,7 +19,8 @@ from edgekiln.targets.litert import run_litert
 from edgekiln.targets.mcu import run_mcu
 from edgekiln.targets.onnxruntime import run_onnxruntime
 from edgekiln.targets.tflm import run_tflm
-from tests.hostile.mutate import hostile_graph, outcome, record
+from tests.hostile.mutate import hostile_graph
+from tests.hostile.tally import ERROR_NAMED, TALLY, judge
 
 GOOD = np.random.default_rng(2).normal(0, 1, (2, 3, 8, 8)).astype(np.float32)
 
@@ -41,10 +43,6 @@ BAD_DATA = [
     ("labels: float", GOOD, np.array([0.5, 1.5]), r"label|y "),
     ("labels: 2-D", GOOD, np.zeros((2, 5), np.int64), r"label|y "),
 ]
-
-
-# Cases a target gets wrong in a file this suite may not change: each has an xfail test.
-KNOWN_BUGS = {("labels: float", "mcu")}
 
 
 @pytest.fixture(scope="module")
@@ -82,19 +80,12 @@ def test_bad_data_is_refused_by_name_on_every_target(artifacts, monkeypatch, cas
         monkeypatch.setattr(f"edgekiln.targets.{module}.run_isolated", no_child)
     problems = []
     for target, call in _targets(artifacts).items():
-        if (case, target) in KNOWN_BUGS:
-            continue  # pinned by its own xfail test below
-        result = outcome(lambda call=call: call(x, y))
-        record("data", case, target, result)
-        if result[0] != "clean_error" or not re.search(pattern, result[1], re.IGNORECASE):
-            problems.append(f"{target}: {result[0]}: {result[1][:200]}")
+        verdict = judge(lambda call=call: call(x, y), names=pattern)
+        TALLY.record("data on a target", case, target, verdict)
+        if verdict.outcome != ERROR_NAMED:  # not even a failed target: refused before a child
+            problems.append(f"{target}: {str(verdict)[:200]}")
     assert not started
     assert not problems, "\n".join(problems)
-
-
-def test_mcu_refuses_float_labels(artifacts):
-    with pytest.raises(ValueError, match="label|y "):
-        run_mcu(artifacts["tflite"], GOOD, np.array([0.5, 1.5]), board="nucleo-l4r5zi")
 
 
 def test_good_data_still_runs_everywhere(artifacts):
@@ -106,14 +97,21 @@ def test_good_data_still_runs_everywhere(artifacts):
 
 
 def test_missing_artifact_is_named(tmp_path):
-    missing = tmp_path / "nowhere.tflite"
-    for run in (run_litert, run_tflm):
-        with pytest.raises(FileNotFoundError, match="nowhere.tflite.*does not exist"):
-            run(missing, GOOD)
-    with pytest.raises(FileNotFoundError, match="nowhere.tflite.*does not exist"):
-        run_mcu(missing, GOOD, board="nucleo-l4r5zi")
-    with pytest.raises(FileNotFoundError, match="nowhere.onnx.*does not exist"):
-        run_onnxruntime(tmp_path / "nowhere.onnx", GOOD)
+    calls = {
+        "litert": lambda p: run_litert(p, GOOD),
+        "tflm": lambda p: run_tflm(p, GOOD),
+        "mcu": lambda p: run_mcu(p, GOOD, board="nucleo-l4r5zi"),
+        "onnxruntime": lambda p: run_onnxruntime(p, GOOD),
+    }
+    problems = []
+    for target, call in calls.items():
+        suffix = ".onnx" if target == "onnxruntime" else ".tflite"
+        missing = tmp_path / f"nowhere{suffix}"
+        verdict = judge(lambda c=call, p=missing: c(p), names=rf"nowhere\{suffix}.*does not exist")
+        TALLY.record("missing file", f"artifact {missing.name}", target, verdict)
+        if verdict.outcome != ERROR_NAMED or verdict.error != "FileNotFoundError":
+            problems.append(f"{target}: {verdict}")
+    assert not problems, "\n".join(problems)
 
 
 # ---- a model file is data, not code ----------------------------------------------------------

@@ -1,7 +1,7 @@
 """NaN / inf, empty and diverging data in the pipeline: calibrate, fit and capture each refuse
 it with a ValueError that names the layer, the value and the way out, never a hang or a crash.
 
-Each case is counted in the hostile tally (``record``), as the target cases of test_data.py are.
+Each case is counted in the session's hostile tally, as the target cases of test_data.py are.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from torch import nn
 from edgekiln.pipeline.capture import capture
 from edgekiln.pipeline.prepare import prepare
 from edgekiln.pipeline.train import Loss, TrainConfig, calibrate, fit
-from tests.hostile.mutate import outcome, record
+from tests.hostile.tally import ERROR_NAMED, TALLY, judge
 
 GOOD = np.random.default_rng(3).normal(0, 1, (8, 1, 8, 8)).astype(np.float32)
 LABELS = np.zeros(8, np.int64)
@@ -111,13 +111,13 @@ def _deadline() -> Iterator[None]:
     "case,stage,call,pattern", PIPELINE_DATA, ids=[f"{c[1]}: {c[0]}" for c in PIPELINE_DATA]
 )
 def test_hostile_pipeline_data_is_refused_by_name(case, stage, call, pattern):
-    result = outcome(call)
-    record("pipeline data", case, stage, result)
-    assert result[0] == "clean_error", result
-    assert result[1].startswith(("ValueError: ", "CaptureError: ")), result[1]
-    assert re.search(pattern, result[1]), result[1]
+    verdict = judge(call, names=pattern)
+    TALLY.record("data in the pipeline", case, stage, verdict)
+    assert verdict.outcome == ERROR_NAMED, str(verdict)
+    assert verdict.error in ("ValueError", "CaptureError"), str(verdict)
+    assert re.search(pattern, verdict.message), verdict.message  # case-sensitive, as before
     assert re.search(
-        r"clean the data|lower the learning rate|pass at least one|calibrat", result[1]
+        r"clean the data|lower the learning rate|pass at least one|calibrat", verdict.message
     )
 
 
