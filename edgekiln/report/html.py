@@ -520,6 +520,44 @@ def _recipe(r: Mapping[str, Any]) -> str:
     return "<h2>Recipe</h2>" + f"<pre>{_e(chr(10).join(_toml(recipe)))}</pre>"
 
 
+def _layer_latency(r: Mapping[str, Any]) -> str:
+    """Per-layer estimate of each simulated board: MACs, memory traffic, cycles, ms."""
+    parts = []
+    for t in r["targets"]:
+        details = t.get("details") or {}
+        layers = details.get("layers")
+        if not t["name"].startswith("mcu:") or not layers:
+            continue
+        total = sum(float(layer["ms"]) for layer in layers)
+        head = ["#", "operator", "output", "MACs", "bytes read", "bytes written", "cycles", "ms"]
+        rows = [
+            [
+                str(layer["index"]),
+                _e(layer["opcode"]),
+                f"<code>{_e(layer['output'])}</code>",
+                _num(layer["macs"]),
+                _num(layer["bytes_read"]),
+                _num(layer["bytes_written"]),
+                _num(layer["cycles"], ",.0f"),
+                f"{float(layer['ms']):.3f}",
+            ]
+            for layer in layers
+        ]
+        board = details.get("board") or {}
+        summary = (
+            f"<code>{_e(t['name'])}</code>: {len(layers)} layers, {total:.3f} ms estimated "
+            f"({_e(details.get('kernels', '?'))} kernels, {_e(board.get('core', '?'))})"
+        )
+        parts.append(
+            f"<details><summary>{summary}</summary>"
+            + _table(head, rows, {0, 3, 4, 5, 6, 7})
+            + "</details>"
+        )
+    if not parts:
+        return ""
+    return "<h3>Estimated latency per layer</h3>" + "".join(parts)
+
+
 def _details(r: Mapping[str, Any]) -> str:
     parts = []
     for t in r["targets"]:
@@ -555,6 +593,7 @@ def render_html(report: Mapping[str, Any]) -> str:
         sparsity_sections(report),
         _quant_chart(report),
         _memory_chart(report),
+        _layer_latency(report),
         _lsb_histograms(report),
         _pairwise(report),
         _artifacts(report),

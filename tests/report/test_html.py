@@ -128,3 +128,39 @@ def test_invalid_report_is_refused(sample: dict[str, Any]) -> None:
 def test_write_html(tmp_path: Path, sample: dict[str, Any]) -> None:
     path = write_html(sample, tmp_path / "report.html")
     assert path.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+
+
+def test_per_layer_latency_of_a_board(sample: dict[str, Any]) -> None:
+    mcu = target(sample, "mcu:nrf52840")
+    mcu["details"] = {
+        "kernels": "cmsis-nn",
+        "board": {"core": "cortex-m4"},
+        "layers": [
+            {
+                "index": 0,
+                "opcode": "CONV_2D",
+                "output": "stem_0",
+                "macs": 112_896,
+                "bytes_read": 992,
+                "bytes_written": 12_544,
+                "cycles": 764_679.99,
+                "ms": 11.95,
+            },
+            {
+                "index": 1,
+                "opcode": "FULLY_CONNECTED",
+                "output": "fc",
+                "macs": 320,
+                "bytes_read": 352,
+                "bytes_written": 10,
+                "cycles": 1_200.4,
+                "ms": 0.02,
+            },
+        ],
+    }
+    page = render_html(sample)
+    assert "Estimated latency per layer" in page
+    assert "2 layers, 11.970 ms estimated (cmsis-nn kernels, cortex-m4)" in page
+    assert '<td class="num">112,896</td>' in page and '<td class="num">764,680</td>' in page
+    del mcu["details"]["layers"]
+    assert "Estimated latency per layer" not in render_html(sample)
