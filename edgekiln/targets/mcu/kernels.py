@@ -152,12 +152,10 @@ def exact_float_dtype(weights: np.ndarray, max_abs_input: int) -> np.dtype | Non
     covers any K up to 1032 (worst case; real weights allow far more), float64 any K below
     5.5e11, i.e. every layer a microcontroller can hold.
 
-    >>> exact_float_dtype(np.full((4, 576), 127, np.int8), 128) is None
-    False
-    >>> exact_float_dtype(np.full((4, 576), 127, np.int8), 128)
-    dtype('float64')
-    >>> exact_float_dtype(np.full((4, 576), 20, np.int8), 128)
+    >>> exact_float_dtype(np.full((4, 576), 127, np.int8), 128)  # 128 * 127 * 576 < 2**24
     dtype('float32')
+    >>> exact_float_dtype(np.full((4, 2048), 127, np.int8), 128)  # K above 1032
+    dtype('float64')
     """
     l1 = np.abs(weights.reshape(weights.shape[0], -1).astype(np.int64)).sum(axis=1)
     bound = int(max_abs_input) * int(l1.max(initial=0))
