@@ -317,9 +317,10 @@ class _Run:
         train = self.config.train
         optimizer = torch.optim.Adam(prepared.parameters(), lr=train.qat_lr)
         first = self._restore(ckpt, prepared, optimizer, stage) if ckpt else 0
-        prune_epochs = train.prune_epochs if self._prune_then_qat() else 0
+        phased = self._prune_then_qat()
+        prune_epochs = train.prune_epochs if phased else 0
         epochs = prune_epochs + train.qat_epochs
-        if self._prune_then_qat() and first >= prune_epochs:
+        if phased and first >= prune_epochs:
             # In the QAT phase already: resumed into it, or no pruning epochs were asked for
             # (the masks are then taken from the float weights). Idempotent.
             start_qat(prepared)

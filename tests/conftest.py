@@ -1,5 +1,7 @@
-"""Shared fixtures: one reduced end-to-end run that several test modules read."""
+"""Shared fixtures: one reduced end-to-end run that several test modules read, a hang guard."""
 
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,20 @@ DIGITS = {
     "train": {"float_epochs": 3, "qat_epochs": 1, "lr": 0.005},
     "targets": {"names": ["onnxruntime", "litert", "tflm", "mcu:nrf52840"], "latency_runs": 3},
 }
+
+
+@pytest.fixture
+def fail_after_60s() -> Iterator[None]:
+    """A hang fails the test, as a crash, after 60 s (a NaN range once looped forever)."""
+
+    def hang(signum: int, frame: object) -> None:
+        raise TimeoutError("still running after 60 s: a hang, as a non-finite range once was")
+
+    previous = signal.signal(signal.SIGALRM, hang)
+    signal.alarm(60)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture(scope="session")

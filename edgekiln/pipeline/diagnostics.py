@@ -12,6 +12,18 @@ from torch import nn
 from edgekiln.pipeline.prepare import ActivationQuant
 
 
+def _eval_forward(model: nn.Module, x: np.ndarray, hooks: list[Any]) -> None:
+    """One eval-mode forward of ``x`` through ``model``; then remove ``hooks``, restore the mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+
+
 @torch.no_grad()
 def quantization_error(model: nn.Module, x: np.ndarray) -> list[dict[str, Any]]:
     """Per activation quantizer of a prepared model, on inputs ``x`` (eval mode):
@@ -48,14 +60,7 @@ def quantization_error(model: nn.Module, x: np.ndarray) -> list[dict[str, Any]]:
     for name, module in model.named_modules():
         if isinstance(module, ActivationQuant) and module.observe:
             hooks.append(module.register_forward_hook(record(name)))
-    was_training = model.training
-    model.eval()
-    try:
-        model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
+    _eval_forward(model, x, hooks)
     return rows
 
 
@@ -85,14 +90,7 @@ def fake_quant_intermediates(model: nn.Module, graph: Any, x: np.ndarray) -> dic
             captured[name] = out.detach().float().numpy()
 
         hooks.append(modules[str(node.target)].register_forward_hook(keep))
-    was_training = model.training
-    model.eval()
-    try:
-        model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
+    _eval_forward(model, x, hooks)
     values = {}
     for name, real in captured.items():
         tensor = graph.tensors.get(name)

@@ -7,8 +7,7 @@ Each case is counted in the session's hostile tally, as the target cases of test
 from __future__ import annotations
 
 import re
-import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -93,18 +92,7 @@ PIPELINE_DATA: list[tuple[str, str, Callable[[], object], str]] = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _deadline() -> Iterator[None]:
-    """A hang is the bug these cases pin: fail it, as a crash, after 60 s."""
-
-    def hang(signum: int, frame: object) -> None:
-        raise TimeoutError("still running after 60 s")
-
-    previous = signal.signal(signal.SIGALRM, hang)
-    signal.alarm(60)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
+pytestmark = pytest.mark.usefixtures("fail_after_60s")  # the bug these pin was a hang
 
 
 @pytest.mark.parametrize(

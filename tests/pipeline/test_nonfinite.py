@@ -6,9 +6,6 @@ inf range divided by zero there; these tests pin the errors that replaced both.
 
 from __future__ import annotations
 
-import signal
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 import torch
@@ -28,18 +25,7 @@ X = np.random.default_rng(0).normal(size=(16, 1, 8, 8)).astype(np.float32)
 Y = np.zeros(16, np.int64)
 
 
-@pytest.fixture(autouse=True)
-def _deadline() -> Iterator[None]:
-    """Fail instead of hanging: the bug these tests pin was an endless loop."""
-
-    def hang(signum: int, frame: object) -> None:
-        raise TimeoutError("still running after 60 s: a non-finite range loops again")
-
-    previous = signal.signal(signal.SIGALRM, hang)
-    signal.alarm(60)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
+pytestmark = pytest.mark.usefixtures("fail_after_60s")  # the bug these pin was a hang
 
 
 def _prepared() -> nn.Module:
