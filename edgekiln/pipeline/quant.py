@@ -155,11 +155,6 @@ def activation_spec(bits: int = 8) -> QuantSpec:
 # 2. From a range to (scale, zero_point) -----------------------------------------------------------
 
 
-def _round_half_away(x: Tensor) -> Tensor:
-    """Round half away from zero, as ``TfLiteRound`` does (``torch.round`` rounds half to even)."""
-    return torch.sign(x) * torch.floor(torch.abs(x) + 0.5)
-
-
 def compute_qparams(min_val: Tensor, max_val: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
     """TFLite quantization parameters for the range ``[min_val, max_val]``.
 
@@ -232,7 +227,8 @@ def _qparams_from_range(
     scale = torch.clamp(scale, min=MIN_SCALE)
     if floor is not None:
         scale = torch.maximum(scale, floor)
-    zero_point = spec.qmin - _round_half_away(min_val / scale)
+    # min_val <= 0 here, and for x <= 0 rounding half away from zero (TfLiteRound) is ceil(x - 0.5)
+    zero_point = spec.qmin - torch.ceil(min_val / scale - 0.5)
     zero_point = torch.clamp(zero_point, spec.qmin, spec.qmax).to(torch.int32)  # int32
     return scale, zero_point
 
@@ -452,6 +448,10 @@ class Observer(nn.Module):
         self.register_buffer("max_val", torch.tensor(float("-inf")))
         self.register_buffer("frozen", torch.tensor(False))
         self._observed = False  # mirrors "the range is finite", kept off the hot path
+        # qparams() computed from a range are kept until the range or the floor changes: one
+        # forward asks for them several times (the quantizer, the bias grid, the scale floors).
+        self._qparams_key: _QparamsKey | None = None
+        self._qparams_cache: tuple[Tensor, Tensor] = (torch.tensor(0.0), torch.tensor(0))
 
     def extra_repr(self) -> str:
         return f"spec={self.spec}"
@@ -545,7 +545,12 @@ class Observer(nn.Module):
                 f"{type(self).__name__} has not observed any data, so it has no scale: pass data "
                 "through the model in training mode (calibration) before asking for qparams"
             )
-        return _qparams_from_range(self.min_val, self.max_val, self.spec, floor)
+        key = _QparamsKey.of(self.min_val, self.max_val, floor)
+        if key is not None and key == self._qparams_key:
+            return self._qparams_cache
+        self._qparams_cache = _qparams_from_range(self.min_val, self.max_val, self.spec, floor)
+        self._qparams_key = key
+        return self._qparams_cache
 
     def _load_from_state_dict(  # type: ignore[no-untyped-def]
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -559,6 +564,33 @@ class Observer(nn.Module):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
         self._observed = bool(torch.isfinite(self.min_val).all() and self.min_val.numel() > 0)
+
+
+@dataclass(frozen=True, eq=False)
+class _QparamsKey:
+    """What ``Observer.qparams`` was computed from: the range and floor tensors themselves (not
+    their ids, which a freed tensor hands on) and their in-place version counters."""
+
+    tensors: tuple[Tensor | None, ...]
+    versions: tuple[int, ...]
+
+    @staticmethod
+    def of(*tensors: Tensor | None) -> _QparamsKey | None:
+        """The key of these tensors now; None when one keeps no version (an inference tensor)."""
+        try:
+            versions = tuple(-1 if t is None else t._version for t in tensors)
+        except RuntimeError:  # inference-mode tensors do not count their in-place updates
+            return None
+        return _QparamsKey(tensors, versions)
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, _QparamsKey)
+            and self.versions == other.versions
+            and all(a is b for a, b in zip(self.tensors, other.tensors, strict=True))
+        )
+
+    __hash__ = None  # type: ignore[assignment]
 
 
 def _bound(value: Tensor) -> str:

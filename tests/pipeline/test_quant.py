@@ -334,3 +334,53 @@ def test_float64_input_takes_torchs_own_path():
     x = torch.linspace(-2, 2, 50, dtype=torch.float64)
     out = fake_quantize(x, torch.tensor(0.1), torch.tensor(0, dtype=torch.int32), ACTIVATION_SPEC)
     assert out.dtype == torch.float64
+
+
+def test_zero_point_rounds_ties_away_from_zero() -> None:
+    # scale 255/16 / 255 = 1/16 exactly and min / scale = -2.5: TfLiteRound gives -3, so the
+    # zero point is -128 + 3 (rounding half to even would give -126)
+    scale, zp = compute_qparams(torch.tensor(-0.15625), torch.tensor(15.78125), ACTIVATION_SPEC)
+    assert scale.item() == 0.0625 and zp.item() == -125
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["observe", "load_state_dict", "floor", "reset", "deepcopy"],
+)
+def test_cached_qparams_follow_every_change_of_the_range(change: str) -> None:
+    """Observer.qparams keeps its result until the range or the floor changes, however it does."""
+    import copy
+
+    fq = FakeQuantizer(ACTIVATION_SPEC, observer="minmax")
+    fq(torch.tensor([-1.0, 1.0]))
+    before = fq.qparams()[0].item()
+    assert fq.qparams()[0] is fq.qparams()[0]  # cached: one forward asks several times
+    if change == "observe":
+        fq(torch.tensor([-4.0, 4.0]))  # min / max updated in place (out=)
+    elif change == "load_state_dict":
+        other = FakeQuantizer(ACTIVATION_SPEC, observer="minmax")
+        other(torch.tensor([-4.0, 4.0]))
+        fq.load_state_dict(other.state_dict())  # copy_ into the same buffers
+    elif change == "floor":
+        fq.add_scale_floor(_Floor(1.0))
+        fq(torch.tensor([-1.0, 1.0]))  # the floor buffer is updated in place
+    elif change == "reset":
+        fq.observer.reset()
+        fq.observer.observe(torch.tensor([-4.0, 4.0]))
+    else:
+        fq.observer.min_val.fill_(-4.0)
+        fq.observer.max_val.fill_(4.0)
+        fq = copy.deepcopy(fq)
+    after = fq.qparams()[0].item()
+    expected = 1.0 if change == "floor" else 8.0 / 255.0
+    assert before == pytest.approx(2.0 / 255.0) and after == pytest.approx(expected)
+
+
+class _Floor:
+    """A scale floor source (an object, as add_scale_floor asks, not a lambda)."""
+
+    def __init__(self, value: float) -> None:
+        self.value = value
+
+    def __call__(self) -> torch.Tensor:
+        return torch.tensor(self.value)
