@@ -78,13 +78,22 @@ def _parser() -> argparse.ArgumentParser:
         choices=("cmsis-nn", "reference"),
         help="kernel library of the mcu latency model",
     )
+    v.add_argument(
+        "--boards",
+        type=Path,
+        metavar="FILE.toml",
+        help="boards of your own for --target mcu:NAME: [[boards]] tables with the keys of a "
+        "recipe's [[targets.boards]] (or a recipe file, whose [[targets.boards]] are read)",
+    )
     v.add_argument("--runs", type=int, default=50, help="timed runs per measured target")
     v.add_argument("--json", type=Path, help="write the report (report.json schema) here")
     v.add_argument(
         "--save-outputs",
         type=Path,
         metavar="OUT.npz",
-        help="raw output tensors of each target, keyed by target name",
+        help="each target's outputs: TARGET holds the raw tensor as the runtime gave it (int8, "
+        "or float32 for a float-output ONNX model), TARGET:real the float32 real values, "
+        "TARGET:scale and TARGET:zero_point (0-d arrays) the output grid where known",
     )
     v.set_defaults(func=_cmd_validate)
 
@@ -282,6 +291,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     )
 
     artifacts = _artifacts_by_format(args.artifacts, args.targets)
+    boards = _validate_boards(args.boards, args.targets)
     data = load_npz(args.data)
     bars = _Bars(enabled=True)
     bars.start("validation", len(args.targets))
@@ -290,6 +300,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         artifacts,
         data.x_test,
         data.y_test,
+        boards=boards,
         kernels=args.kernels,
         latency_runs=args.runs,
         on_done=lambda r: bars.advance(1, r.target),
@@ -325,7 +336,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     if args.save_outputs:
         from edgekiln.ir import atomic_write
 
-        arrays: dict[str, Any] = {r.target: r.outputs for r in results if r.outputs is not None}
+        arrays = _saved_outputs(results)
         atomic_write(args.save_outputs, lambda f: np.savez(f, **arrays))
     print(summary(report))
     for row in report["pairwise"]:
@@ -334,6 +345,51 @@ def _cmd_validate(args: argparse.Namespace) -> int:
             f"max {row['max_lsb']} LSB"
         )
     return EXIT_OK if all(r.ok for r in results) else EXIT_FAIL
+
+
+def _validate_boards(path: Path | None, targets: list[str]) -> dict[str, Any]:
+    """The boards of ``--boards FILE`` by name; each ``mcu:NAME`` target must name one of them
+    or a built-in board, else the run stops before any target runs."""
+    from edgekiln.config import load_boards
+    from edgekiln.targets.mcu.boards import BOARDS, get_board
+
+    boards = load_boards(path) if path is not None else {}
+    for name in targets:
+        if not name.startswith("mcu:") or name[4:] in boards:
+            continue
+        try:
+            get_board(name[4:])
+        except ValueError:
+            own = (
+                f"boards in {str(path)!r}: {', '.join(sorted(boards))}"
+                if path is not None
+                else "no --boards file given"
+            )
+            raise ValueError(
+                f"--target {name}: unknown board {name[4:]!r}; built-in boards: "
+                f"{', '.join(sorted(BOARDS))}; {own}. Pick one of those, or describe the board "
+                "in a [[boards]] table of a TOML file and pass it as --boards FILE.toml"
+            ) from None
+    return boards
+
+
+def _saved_outputs(results: list[Any]) -> dict[str, Any]:
+    """What ``--save-outputs`` writes for each target with outputs: the raw tensor under its
+    name, the float32 real values under ``NAME:real``, and the output scale and zero point
+    under ``NAME:scale`` and ``NAME:zero_point`` (0-d arrays) when the target knows them."""
+    import numpy as np
+
+    arrays: dict[str, Any] = {}
+    for r in results:
+        if r.outputs is None:
+            continue
+        arrays[r.target] = r.outputs
+        arrays[f"{r.target}:real"] = r.real_outputs()
+        if r.output_scale is not None:  # float32, as TFLite and ONNX store a scale
+            arrays[f"{r.target}:scale"] = np.array(r.output_scale, np.float32)
+        if r.output_zero_point is not None:  # int32: int8 outputs minus it do not wrap
+            arrays[f"{r.target}:zero_point"] = np.array(r.output_zero_point, np.int32)
+    return arrays
 
 
 def _version() -> str:
@@ -491,13 +547,14 @@ def _cmd_targets(args: argparse.Namespace) -> int:
         if t.kind == "runtime":
             print(f"{t.name:<22} {t.description}")
     print("\nsimulated microcontrollers (edgekiln's bit-exact integer simulator):")
-    print(f"{'target':<22} {'core':<16} {'clock':>9} {'SRAM':>10} {'flash':>10}  source")
+    header = f"{'target':<22} {'core':<16} {'clock':>9} {'SRAM':>10} {'flash':>10} {'wait':>4}"
+    print(f"{header}  source")
     for t in targets:
         if t.kind == "mcu":
             print(
                 f"{t.name:<22} {t.core:<16} {(t.clock_hz or 0) / 1e6:>6.0f} MHz "
-                f"{(t.sram_bytes or 0) // 1024:>6} KiB {(t.flash_bytes or 0) // 1024:>6} KiB  "
-                f"{t.source}"
+                f"{(t.sram_bytes or 0) // 1024:>6} KiB {(t.flash_bytes or 0) // 1024:>6} KiB "
+                f"{t.flash_wait_states:>4}  {t.source}"
             )
     return EXIT_OK
 

@@ -35,6 +35,7 @@ The tables and their defaults (the built-in default run is this file with nothin
     latency_runs = 50                      # timed runs per measured target (after 5 warm-ups)
     [[targets.boards]]                     # a board of your own, usable as "mcu:NAME"
     name = "my-board"  core = "cortex-m4"  clock_hz = 80_000_000  sram_bytes = 262144 ...
+    flash_wait_states = 4                  # optional; without it the latency model assumes 5
 
     [check]                                # thresholds recorded in the report for `edgekiln check`
     max_accuracy_drop = 0.005
@@ -46,11 +47,15 @@ names the key path (``[train] lr``), the value given and what is allowed.
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import tomllib
+
+if TYPE_CHECKING:
+    from edgekiln.targets.mcu.boards import Board
 
 BUILTIN_DATA = (
     "mnist",
@@ -280,13 +285,15 @@ class TargetsConfig:
         )
 
 
-def _check_boards(boards: list[dict[str, Any]]) -> set[str]:
-    """Build every ``[[targets.boards]]`` table as the run will, now; their names."""
+def _check_boards(
+    boards: list[dict[str, Any]], array: str = "[[targets.boards]]"
+) -> dict[str, Board]:
+    """Build every board table (of the array ``array``) as the run will, now; by name."""
     from edgekiln.targets.mcu.boards import Board
 
-    names: set[str] = set()
+    built: dict[str, Board] = {}
     for number, table in enumerate(boards, start=1):
-        where = f"[[targets.boards]] number {number}"
+        where = f"{array} number {number}"
         name = table.get("name")
         named = f"{where} (name = {name!r})" if isinstance(name, str) else where
         try:
@@ -294,12 +301,12 @@ def _check_boards(boards: list[dict[str, Any]]) -> set[str]:
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{named}: {e}") from None
         _check_report_name(f"{where}: name", board.name, board.target)
-        if board.name in names:
+        if board.name in built:
             raise ConfigError(
                 f"{named}: a board named {board.name!r} appears twice; give each board its own name"
             )
-        names.add(board.name)
-    return names
+        built[board.name] = board
+    return built
 
 
 def _check_report_name(where: str, value: str, target: str) -> None:
@@ -315,7 +322,7 @@ def _check_report_name(where: str, value: str, target: str) -> None:
         )
 
 
-def _check_board(name: str, custom: set[str]) -> None:
+def _check_board(name: str, custom: Collection[str]) -> None:
     if name in custom:
         return
     from edgekiln.targets.mcu.boards import get_board
@@ -463,3 +470,57 @@ def load_config(path: str | Path | None) -> RunConfig:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"recipe file {str(path)!r} is not valid TOML: {e}") from None
     return parse_config(doc, path.parent.resolve(), str(path))
+
+
+def boards_from_doc(doc: dict[str, Any], source: str = "boards file") -> dict[str, Board]:
+    """The boards of a parsed TOML document, by name: its ``[[boards]]`` tables, or a recipe's
+    ``[[targets.boards]]``, each checked as a recipe's boards are (``edgekiln validate --boards``).
+
+    >>> boards = boards_from_doc({"boards": [{"name": "my-m4", "core": "cortex-m4",
+    ...     "clock_hz": 80_000_000, "sram_bytes": 131072, "flash_bytes": 524288,
+    ...     "flash_wait_states": 3}]})
+    >>> boards["my-m4"].target, boards["my-m4"].flash_wait_states
+    ('mcu:my-m4', 3)
+    """
+    targets = doc.get("targets", {})
+    in_recipe = isinstance(targets, dict) and "boards" in targets
+    if "boards" in doc and in_recipe:
+        raise ConfigError(
+            f"{source} holds both [[boards]] and [[targets.boards]] tables; keep one of the two "
+            "arrays (a boards file has [[boards]], a recipe [[targets.boards]])"
+        )
+    if not ("boards" in doc or in_recipe):
+        found = ", ".join(sorted(doc)) or "nothing"
+        raise ConfigError(
+            f"{source} holds no boards: expected [[boards]] tables (or a recipe's "
+            f"[[targets.boards]]), found {found}; add one [[boards]] table per board with the "
+            "keys name, core, clock_hz, sram_bytes and flash_bytes"
+        )
+    array = "[[targets.boards]]" if in_recipe else "[[boards]]"
+    boards = targets["boards"] if in_recipe else doc["boards"]
+    if not isinstance(boards, list) or not all(isinstance(b, dict) for b in boards):
+        raise _fail(f"{source}: {array[1:-1]}", boards, f"an array of tables ({array})")
+    if not boards:
+        raise ConfigError(f"{source}: {array[1:-1]} is empty; add at least one {array} table")
+    try:
+        return _check_boards(boards, array)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def load_boards(path: str | Path) -> dict[str, Board]:
+    """The boards of a TOML file (see ``boards_from_doc``), by name."""
+    path = Path(path)
+    where = f"boards file {str(path)!r}"
+    if path.is_dir():
+        raise ConfigError(f"{where} is a directory: name a .toml file holding [[boards]] tables")
+    if not path.is_file():
+        raise ConfigError(
+            f"{where} does not exist; name a .toml file holding [[boards]] tables (or a recipe "
+            "with [[targets.boards]])"
+        )
+    try:
+        doc = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{where} is not valid TOML: {e}") from None
+    return boards_from_doc(doc, where)

@@ -68,6 +68,124 @@ def test_validate_writes_a_report_and_raw_outputs(digits_run, tmp_path, capsys):
     assert saved["tflm"].dtype == np.int8 and saved["tflm"].shape == (64, 10)
     np.testing.assert_array_equal(saved["tflm"], saved["mcu:stm32h743"])
     assert "tflm vs mcu:stm32h743: 0 of 640 values differ" in capsys.readouterr().out
+    # each entry says what it is: the raw tensor, its real values and the output grid
+    names = ("tflm", "mcu:stm32h743", "onnxruntime")
+    parts = ("", ":real", ":scale", ":zero_point")
+    assert set(saved.files) == {name + part for name in names for part in parts}
+    assert saved["onnxruntime"].dtype == np.float32  # the float-output ONNX model's own
+    np.testing.assert_array_equal(saved["onnxruntime:real"], saved["onnxruntime"])
+    for name in names:
+        scale, zero_point = saved[f"{name}:scale"], saved[f"{name}:zero_point"]
+        assert scale.shape == zero_point.shape == ()
+        assert scale.dtype == np.float32 and zero_point.dtype == np.int32
+        assert saved[f"{name}:real"].dtype == np.float32
+    real = saved["tflm:scale"] * (saved["tflm"] - saved["tflm:zero_point"])
+    np.testing.assert_array_equal(saved["tflm:real"], real.astype(np.float32))
+    # ONNX Runtime's float outputs sit on the same grid as TFLM's integers (within rounding)
+    onnx_ints = saved["onnxruntime"] / saved["onnxruntime:scale"] + saved["onnxruntime:zero_point"]
+    assert np.abs(np.round(onnx_ints) - saved["tflm"]).max() <= 1
+    mcu = next(t for t in report["targets"] if t["name"] == "mcu:stm32h743")
+    assert mcu["details"]["flash_wait_states"] == 4
+    assert mcu["details"]["flash_wait_states_assumed"] is False
+
+
+MINE = (
+    '[[boards]]\nname = "mine"\ncore = "cortex-m7"\nclock_hz = 216_000_000\n'
+    "sram_bytes = 327680\nflash_bytes = 1048576\nflash_wait_states = 7\n"
+)
+BUILTIN = "alif-e7-hp, nrf52840, nucleo-l4r5zi, rp2040, stm32h743, stm32u575"
+
+
+@pytest.fixture(scope="module")
+def cnn(tmp_path_factory):
+    """A small int8 CNN artifact and data for it (a hand-built graph: no training needed)."""
+    from edgekiln.exporters.tflite import write_tflite
+    from tests.targets.mcu import graphs
+
+    root = tmp_path_factory.mktemp("cli-boards")
+    path = write_tflite(graphs.every_op_cnn(), root / "cnn.tflite")
+    x = np.random.default_rng(0).normal(0, 1, (4, 3, 12, 12)).astype(np.float32)
+    np.savez(root / "d.npz", x_test=x, y_test=np.arange(4))
+    return path, root / "d.npz"
+
+
+@pytest.mark.parametrize("form", ["boards", "recipe"])
+def test_validate_runs_boards_of_a_boards_file_or_a_recipe(cnn, tmp_path, form, capsys):
+    path, data = cnn
+    boards = tmp_path / "b.toml"
+    text = MINE if form == "boards" else MINE.replace("[[boards]]", "[[targets.boards]]")
+    boards.write_text(text if form == "boards" else '[targets]\nnames = ["mcu:mine"]\n' + text)
+    argv = ["validate", str(path), "--data", str(data), "--target", "mcu:mine"]
+    argv += ["--target", "mcu:rp2040", "--boards", str(boards), "--json", str(tmp_path / "v.json")]
+    assert main(argv) == 0, capsys.readouterr()
+    report = json.loads((tmp_path / "v.json").read_text())
+    mine, rp2040 = report["targets"]
+    assert mine["name"] == "mcu:mine" and mine["ok"], mine["error"]
+    assert mine["board"] == {
+        "name": "mine", "core": "cortex-m7", "clock_hz": 216_000_000, "sram_bytes": 327680,
+        "flash_bytes": 1048576,
+    }  # fmt: skip
+    assert mine["details"]["flash_wait_states"] == 7
+    assert mine["details"]["flash_wait_states_assumed"] is False
+    assert rp2040["name"] == "mcu:rp2040" and rp2040["details"]["flash_wait_states"] == 8
+    assert "mcu:mine vs mcu:rp2040: 0 of 40 values differ" in capsys.readouterr().out
+
+
+def test_validate_flags_a_board_without_wait_states(cnn, tmp_path, capsys):
+    path, data = cnn
+    boards = tmp_path / "b.toml"
+    boards.write_text(MINE.replace("flash_wait_states = 7\n", ""))
+    argv = ["validate", str(path), "--data", str(data), "--target", "mcu:mine"]
+    with pytest.warns(UserWarning, match="board 'mine' gives no flash_wait_states: its latency"):
+        code = main([*argv, "--boards", str(boards), "--json", str(tmp_path / "v.json")])
+    assert code == 0, capsys.readouterr()
+    (mine,) = json.loads((tmp_path / "v.json").read_text())["targets"]
+    assert mine["details"]["flash_wait_states"] == 5
+    assert mine["details"]["flash_wait_states_assumed"] is True
+
+
+@pytest.mark.parametrize(
+    ("text", "target", "message"),
+    [
+        (None, "mcu:mine", "boards file '{b}' does not exist; name a .toml file holding "
+         "[[boards]] tables (or a recipe with [[targets.boards]])"),
+        ("[[boards]\nname = 1\n", "mcu:mine", "boards file '{b}' is not valid TOML: "),
+        ('[[board]]\nname = "mine"\n', "mcu:mine", "boards file '{b}' holds no boards: "
+         "expected [[boards]] tables (or a recipe's [[targets.boards]]), found board; add one "
+         "[[boards]] table per board with the keys name, core, clock_hz, sram_bytes and "
+         "flash_bytes"),
+        (MINE.replace("= 7", "= 16"), "mcu:mine", "boards file '{b}': [[boards]] number 1 "
+         "(name = 'mine'): board key 'flash_wait_states' = 16 is invalid: it must be a whole "
+         "number from 0 to 15 (the CPU cycles a flash read waits at clock_hz, from the part's "
+         "flash latency table; a 4-bit latency field holds no more), or left out, in which "
+         "case the latency estimate assumes the anchor board's and says so"),
+        (MINE, "mcu:esp32", f"--target mcu:esp32: unknown board 'esp32'; built-in boards: "
+         f"{BUILTIN}; boards in '{{b}}': mine. Pick one of those, or describe the board in a "
+         "[[boards]] table of a TOML file and pass it as --boards FILE.toml"),
+        ("no file", "mcu:mine", f"--target mcu:mine: unknown board 'mine'; built-in boards: "
+         f"{BUILTIN}; no --boards file given. Pick one of those, or describe the board in a "
+         "[[boards]] table of a TOML file and pass it as --boards FILE.toml"),
+    ],
+)  # fmt: skip
+def test_validate_boards_errors_exit_2_before_any_target_runs(
+    tmp_path, capsys, text, target, message
+):
+    (tmp_path / "m.tflite").write_bytes(b"")  # never read: the boards are checked first
+    boards = tmp_path / "b.toml"
+    argv = ["validate", str(tmp_path / "m.tflite"), "--data", str(tmp_path / "none.npz")]
+    argv += ["--target", target, "--json", str(tmp_path / "v.json")]
+    if text != "no file":
+        argv += ["--boards", str(boards)]
+        if text is not None:
+            boards.write_text(text)
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and not (tmp_path / "v.json").exists()
+    expected = "edgekiln validate: error: " + message.format(b=boards)
+    if message.endswith(": "):  # the TOML parser's own words follow
+        assert captured.err.startswith(expected)
+    else:
+        assert captured.err == expected + "\n"
 
 
 def test_validate_names_a_missing_artifact(tmp_path, capsys):

@@ -5,7 +5,14 @@ from pathlib import Path
 
 import pytest
 
-from edgekiln.config import DEFAULT_TARGETS, ConfigError, load_config, parse_config
+from edgekiln.config import (
+    DEFAULT_TARGETS,
+    ConfigError,
+    boards_from_doc,
+    load_boards,
+    load_config,
+    parse_config,
+)
 
 
 def _parse(doc: dict, base: Path = Path(".")):
@@ -210,7 +217,18 @@ def test_full_recipe_round_trips(tmp_path):
             {"targets": {"names": ["tflm"], "boards": [{**BOARD, "cores": "cortex-m4"}]}},
             _whole(
                 "[[targets.boards]] number 1 (name = 'mine'): board key(s) 'cores' are not known; "
-                "a board has clock_hz, core, flash_bytes, name, notes, source, sram_bytes"
+                "a board has clock_hz, core, flash_bytes, flash_wait_states, name, notes, source, "
+                "sram_bytes"
+            ),
+        ),
+        (
+            {"targets": {"names": ["mcu:mine"], "boards": [{**BOARD, "flash_wait_states": 16}]}},
+            _whole(
+                "[[targets.boards]] number 1 (name = 'mine'): board key 'flash_wait_states' = 16 "
+                "is invalid: it must be a whole number from 0 to 15 (the CPU cycles a flash read "
+                "waits at clock_hz, from the part's flash latency table; a 4-bit latency field "
+                "holds no more), or left out, in which case the latency estimate assumes the "
+                "anchor board's and says so"
             ),
         ),
         (
@@ -266,6 +284,112 @@ def test_target_zero_turns_pruning_off():
 def test_a_valid_board_is_kept_as_written():
     doc = {"targets": {"names": ["mcu:mine"], "boards": [BOARD]}}
     assert _parse(doc).targets.boards == (BOARD,)
+    timed = {**BOARD, "flash_wait_states": 3}
+    doc = {"targets": {"names": ["mcu:mine"], "boards": [timed]}}
+    assert _parse(doc).targets.boards == (timed,)
+
+
+def test_a_boards_file_or_a_recipe_gives_its_boards(tmp_path):
+    own = tmp_path / "boards.toml"
+    own.write_text(
+        '[[boards]]\nname = "mine"\ncore = "cortex-m4"\nclock_hz = 80_000_000\n'
+        "sram_bytes = 131072\nflash_bytes = 524288\nflash_wait_states = 3\n"
+        '[[boards]]\nname = "other"\ncore = "cortex-m7"\nclock_hz = 216_000_000\n'
+        "sram_bytes = 327680\nflash_bytes = 1048576\n"
+    )
+    boards = load_boards(own)
+    assert sorted(boards) == ["mine", "other"]
+    assert boards["mine"].flash_wait_states == 3 and boards["other"].flash_wait_states is None
+    assert boards["other"].target == "mcu:other"
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(
+        '[train]\nlr = 0.01\n[targets]\nnames = ["mcu:mine"]\n'
+        '[[targets.boards]]\nname = "mine"\ncore = "cortex-m4"\nclock_hz = 80000000\n'
+        "sram_bytes = 131072\nflash_bytes = 524288\n"
+    )
+    assert list(load_boards(recipe)) == ["mine"]
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        (
+            {"board": [BOARD]},
+            "b.toml holds no boards: expected [[boards]] tables (or a recipe's "
+            "[[targets.boards]]), found board; add one [[boards]] table per board with the keys "
+            "name, core, clock_hz, sram_bytes and flash_bytes",
+        ),
+        (
+            {"targets": {"names": ["tflm"]}},
+            "b.toml holds no boards: expected [[boards]] tables (or a recipe's "
+            "[[targets.boards]]), found targets; add one [[boards]] table per board with the "
+            "keys name, core, clock_hz, sram_bytes and flash_bytes",
+        ),
+        (
+            {"boards": [BOARD], "targets": {"boards": [BOARD]}},
+            "b.toml holds both [[boards]] and [[targets.boards]] tables; keep one of the two "
+            "arrays (a boards file has [[boards]], a recipe [[targets.boards]])",
+        ),
+        (
+            {"boards": []},
+            "b.toml: [boards] is empty; add at least one [[boards]] table",
+        ),
+        (
+            {"boards": 3},
+            "b.toml: [boards] = 3 is not valid: allowed an array of tables ([[boards]])",
+        ),
+        (
+            {"boards": [{**BOARD, "core": "cortex-m9"}]},
+            "b.toml: [[boards]] number 1 (name = 'mine'): board key 'core' = 'cortex-m9' is "
+            "invalid: it must be one of cortex-m0plus, cortex-m4, cortex-m7, cortex-m33, "
+            "cortex-m55",
+        ),
+        (
+            {"targets": {"boards": [BOARD, {**BOARD, "clock_hz": 0}]}},
+            "b.toml: [[targets.boards]] number 2 (name = 'mine'): board key 'clock_hz' = 0 is "
+            "invalid: it must be a positive integer",
+        ),
+        (
+            {"boards": [BOARD, BOARD]},
+            "b.toml: [[boards]] number 2 (name = 'mine'): a board named 'mine' appears twice; "
+            "give each board its own name",
+        ),
+        (
+            {"boards": [{**BOARD, "name": "Mine"}]},
+            "b.toml: [[boards]] number 1: name = 'Mine' is not valid: allowed a name for which "
+            f"'mcu:Mine' matches {REPORT_NAMES}",
+        ),
+    ],
+)
+def test_every_boards_file_error_reads_as_the_recipes(doc, message):
+    with pytest.raises(ConfigError, match=_whole(message)):
+        boards_from_doc(doc, "b.toml")
+
+
+def test_missing_and_broken_boards_files(tmp_path):
+    where = str(tmp_path / "nope.toml")
+    with pytest.raises(
+        ConfigError,
+        match=_whole(
+            f"boards file {where!r} does not exist; name a .toml file holding [[boards]] tables "
+            "(or a recipe with [[targets.boards]])"
+        ),
+    ):
+        load_boards(tmp_path / "nope.toml")
+    with pytest.raises(
+        ConfigError,
+        match=_whole(
+            f"boards file {str(tmp_path)!r} is a directory: name a .toml file holding [[boards]] "
+            "tables"
+        ),
+    ):
+        load_boards(tmp_path)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[[boards]\nname = 1")
+    with pytest.raises(
+        ConfigError, match=f"^{re.escape(f'boards file {str(bad)!r}')} is not valid TOML: "
+    ):
+        load_boards(bad)
 
 
 def test_missing_and_broken_recipe_files(tmp_path):

@@ -110,6 +110,7 @@ def test_user_model_and_npz_through_a_recipe(user_project):
                     "clock_hz": 48_000_000,
                     "sram_bytes": 32 * 1024,
                     "flash_bytes": 128 * 1024,
+                    "flash_wait_states": 1,
                 }
             ],
         },

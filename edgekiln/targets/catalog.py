@@ -41,6 +41,7 @@ class TargetInfo:
     sram_bytes: int | None = None
     flash_bytes: int | None = None
     source: str | None = None
+    flash_wait_states: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -54,10 +55,11 @@ def list_targets() -> list[TargetInfo]:
         b = BOARDS[name]
         text = (
             f"bit-exact TFLM int8 simulator on {name}: {b.core} at {b.clock_hz / 1e6:g} MHz, "
-            f"{b.sram_bytes // 1024} KB SRAM, {b.flash_bytes // 1024} KB flash; estimated latency"
+            f"{b.sram_bytes // 1024} KB SRAM, {b.flash_bytes // 1024} KB flash "
+            f"({b.flash_wait_states} wait states); estimated latency"
         )
         out.append(TargetInfo(b.target, "mcu", text, b.core, b.clock_hz, b.sram_bytes,
-                              b.flash_bytes, b.source))  # fmt: skip
+                              b.flash_bytes, b.source, b.flash_wait_states))  # fmt: skip
     return out
 
 

@@ -18,7 +18,12 @@ from edgekiln.targets.litert import input_layout, prepare_run, pytorch_outputs
 from edgekiln.targets.mcu.boards import BOARDS, Board, get_board
 from edgekiln.targets.mcu.compare import LayerComparison, compare_layers, compare_results
 from edgekiln.targets.mcu.interpreter import SUPPORTED_OPS, SimResult, SimulationError, simulate
-from edgekiln.targets.mcu.latency import KERNEL_LIBRARIES, LayerCost, layer_costs
+from edgekiln.targets.mcu.latency import (
+    KERNEL_LIBRARIES,
+    LayerCost,
+    flash_wait_states,
+    layer_costs,
+)
 from edgekiln.targets.mcu.memory import MemoryReport, memory_report
 
 logger = logging.getLogger(__name__)
@@ -54,7 +59,9 @@ def run_mcu(
     PyTorch's layout (NCHW, or (N, C, L) for a 1-D model) or the artifact's own (NHWC, or
     (N, 1, L, C)); outputs come back in the layout the data came in. The outputs are bit-exact
     with TFLM's reference kernels; latency is the latency model's estimate; ``details`` carry
-    the arena and flash figures, the per-layer table and the budget check. ``arena_bytes`` is
+    the arena and flash figures, the per-layer table, the budget check and the flash wait
+    states the estimate used (``flash_wait_states_assumed`` is True when the board gives none
+    and the latency model's anchor's were taken). ``arena_bytes`` is
     the planned arena (activations and scratch buffers, what TFLM's planner places: equal to
     the "head" TFLM prints for reference kernels); ``arena_total_bytes`` adds the estimated
     interpreter state and is the figure checked against the board's SRAM
@@ -79,6 +86,7 @@ def run_mcu(
     outputs = pytorch_outputs(sim.output, layout)
     mem = memory_report(model, kernels)
     costs = layer_costs(model, b, kernels)
+    wait_states, wait_states_assumed = flash_wait_states(b)
     total_ms = sum(c.ms for c in costs)
     errors = _budget_errors(b, mem, costs)
     accuracy = None
@@ -87,6 +95,9 @@ def run_mcu(
     details = {
         "board": b.__dict__ | {},
         "kernels": kernels,
+        # the wait states of the latency estimate; assumed (the anchor's) when the board has none
+        "flash_wait_states": wait_states,
+        "flash_wait_states_assumed": wait_states_assumed,
         # Tested value for value against the tflite-micro wheel's reference kernels. That
         # CMSIS-NN's s8 kernels give the same integers is the kernels' design, not measured here.
         "bit_exact_with": "TFLM reference kernels (tflite-micro wheel), tested",

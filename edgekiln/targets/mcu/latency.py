@@ -31,7 +31,9 @@ TFLM 2.3.1 on the L4R5's flash runs at about 2.7x that best case.
 
 Other cores scale the M4 figures by Arm's published CoreMark/MHz (Cortex-M0+ 2.46, M4 3.42,
 M33 4.02, M7 5.01, M55 4.2) for integer code; flash differs by ``(wait_states - 5) / 4``
-cycles per MAC (one 32-bit weight load per 4 MACs; the anchor board runs 5 wait states).
+cycles per MAC (one 32-bit weight load per 4 MACs; the anchor board runs 5 wait states). Each
+board gives its own ``flash_wait_states`` (boards.py); one that gives none is estimated at the
+anchor's 5, and ``flash_wait_states`` says so (``assumed``), as does a warning.
 M0+ has no DSP (SMLAD) instructions, so CMSIS-NN falls back to plain C there: the
 reference-kernel factor applies, 4.6x (Lai et al. 2018: CMSIS-NN convolutions vs the plain C
 baseline). For M55 the Helium (MVE) kernels are taken as 4x the M4 per clock (ESTIMATE from
@@ -41,12 +43,13 @@ reach; not a measured figure).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
 from edgekiln.formats.tflite import TfliteModel
-from edgekiln.targets.mcu.boards import Board
+from edgekiln.targets.mcu.boards import BOARDS, Board
 
 KERNEL_LIBRARIES = ("cmsis-nn", "reference")
 # Published latencies (ms) of the MLPerf Tiny v0.5 reference submission, NUCLEO-L4R5ZI at
@@ -86,15 +89,6 @@ ELEMENT_CYCLES = {
     "QUANTIZE": 10.0, "DEQUANTIZE": 10.0, "PAD": 1.0, "CONCATENATION": 0.5, "RESHAPE": 0.25,
 }  # fmt: skip
 OP_OVERHEAD_CYCLES = 1500  # TFLM Invoke dispatch + kernel set-up per operator (ESTIMATE)
-# Flash wait states at the listed clock (datasheets named in boards.py).
-FLASH_WAIT_STATES = {
-    "nucleo-l4r5zi": 5,  # STM32L4R5 at 120 MHz, range 1 boost: 5 WS (RM0432)
-    "nrf52840": 2,  # nRF52840 64 MHz with cache enabled: ~2 WS average on misses (ESTIMATE)
-    "stm32h743": 4,  # 480 MHz AXI flash: 4 WS (partly hidden by the M7 caches)
-    "stm32u575": 4,  # 160 MHz: 4 WS
-    "rp2040": 8,  # XIP QSPI through a 16 KB cache: misses cost tens of cycles (ESTIMATE)
-    "alif-e7-hp": 2,  # MRAM at 400 MHz through the HP core's bus (ESTIMATE)
-}
 
 
 @dataclass
@@ -115,7 +109,9 @@ class LayerCost:
         return dict(self.__dict__)
 
 
-def cycles_per_mac(core: str, kernels: str, opcode: str, wait_states: int = 5) -> float:
+def cycles_per_mac(
+    core: str, kernels: str, opcode: str, wait_states: int = ANCHOR_WAIT_STATES
+) -> float:
     """Estimated cycles per MAC for one op kind on one core with one kernel library.
 
     >>> round(cycles_per_mac("cortex-m4", "cmsis-nn", "CONV_2D"), 2)  # the anchor itself
@@ -136,10 +132,48 @@ def cycles_per_mac(core: str, kernels: str, opcode: str, wait_states: int = 5) -
     return max(base + ANCHOR_WAIT_STATES / 4.0 + flash, 0.25)
 
 
+def flash_wait_states(board: Board) -> tuple[int, bool]:
+    """The flash wait states the estimate uses for ``board``, and whether they are assumed.
+
+    The board's own ``flash_wait_states`` come first, then those of the built-in board of the
+    same name (each built-in board gives its datasheet figure); a board with neither gets the
+    anchor's ``ANCHOR_WAIT_STATES`` and ``True``, assumed. An assumed figure ``k`` wait states
+    off the board's real one puts every MAC of a convolution, depthwise or dense layer ``k / 4``
+    cycles off.
+
+    >>> flash_wait_states(BOARDS["rp2040"])
+    (8, False)
+    >>> flash_wait_states(Board("my-m4", "cortex-m4", 80_000_000, 131072, 524288))
+    (5, True)
+    >>> flash_wait_states(Board("my-m4", "cortex-m4", 80_000_000, 131072, 524288,
+    ...                         flash_wait_states=3))
+    (3, False)
+    """
+    if board.flash_wait_states is not None:
+        return board.flash_wait_states, False
+    builtin = BOARDS.get(board.name)
+    if builtin is not None and builtin.flash_wait_states is not None:
+        return builtin.flash_wait_states, False
+    return ANCHOR_WAIT_STATES, True
+
+
 def layer_costs(model: TfliteModel, board: Board, kernels: str = "cmsis-nn") -> list[LayerCost]:
-    """Per-operator MACs, traffic and estimated cycles and milliseconds at the board's clock."""
+    """Per-operator MACs, traffic and estimated cycles and milliseconds at the board's clock.
+
+    A board without ``flash_wait_states`` (see ``flash_wait_states``) gets the anchor's, with
+    a warning naming the board and the key that removes the assumption.
+    """
     core_scale = COREMARK_PER_MHZ["cortex-m4"] / COREMARK_PER_MHZ[board.core]
-    wait = FLASH_WAIT_STATES.get(board.name, ANCHOR_WAIT_STATES)
+    wait, assumed = flash_wait_states(board)
+    if assumed:
+        warnings.warn(
+            f"board {board.name!r} gives no flash_wait_states: its latency estimate assumes "
+            f"{ANCHOR_WAIT_STATES}, the anchor board's (nucleo-l4r5zi at 120 MHz), and each "
+            "wait state more or less moves every MAC of a convolution, depthwise or dense layer "
+            "by 0.25 cycles; set flash_wait_states (its datasheet's flash latency at clock_hz) "
+            "in the board's [[targets.boards]] table or Board(...)",
+            stacklevel=2,
+        )
     out = []
     for op in model.operators:
         ins = [model.tensor(i) for i in op.inputs if i >= 0]

@@ -80,7 +80,7 @@ def test_1d_model_takes_pytorch_layout_on_every_tflite_target(conv1d_path):
 
 
 def test_over_budget_names_budget_need_and_largest_tensor(cnn_path):
-    tiny = Board("tiny", "cortex-m0plus", 48_000_000, 4096, 1 << 20)
+    tiny = Board("tiny", "cortex-m0plus", 48_000_000, 4096, 1 << 20, flash_wait_states=1)
     x = np.zeros((2, 3, 12, 12), np.float32)
     r = run_mcu(cnn_path, x, board=tiny)
     assert not r.ok and r.outputs is not None
@@ -94,7 +94,7 @@ def test_flash_over_budget_names_the_largest_constant_and_its_layer(cnn_path):
     big = max(constants, key=lambda t: t.data.nbytes)
     op = next(op for op in m.operators if big.index in op.inputs)
     writes = m.tensor(op.outputs[0]).name
-    tiny_flash = Board("tiny-flash", "cortex-m4", 64_000_000, 1 << 20, 4096)
+    tiny_flash = Board("tiny-flash", "cortex-m4", 64_000_000, 1 << 20, 4096, flash_wait_states=2)
     r = run_mcu(cnn_path, np.zeros((2, 3, 12, 12), np.float32), board=tiny_flash)
     need = r.details["flash_bytes"]
     assert not r.ok and r.outputs is not None and r.details["budget"]["ok"] is False
@@ -116,7 +116,7 @@ def test_memory_chart_draws_the_arena_the_budget_check_counts(cnn_path):
 
     mem = memory_report(read_tflite(cnn_path), "cmsis-nn")
     sram = (mem.arena_bytes + mem.arena_total_bytes) // 2
-    board = Board("tight", "cortex-m4", 64_000_000, sram, 1 << 20)
+    board = Board("tight", "cortex-m4", 64_000_000, sram, 1 << 20, flash_wait_states=2)
     r = run_mcu(cnn_path, np.zeros((2, 3, 12, 12), np.float32), board=board)
     assert not r.ok and f"arena needs {mem.arena_total_bytes} bytes" in r.error
     entry = target_entry(r, str(cnn_path))
