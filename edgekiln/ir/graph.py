@@ -8,7 +8,9 @@ that need another layout (TFLite is NHWC) convert when they write.
 Quantization follows the TFLite int8 scheme (see DESIGN.md):
 
 - activations: int8, asymmetric, per tensor,
-  ``q = clamp(round(x / scale) + zero_point, -128, 127)``;
+  ``q = clamp(round(x / scale) + zero_point, -128, 127)``; float *model inputs* are quantized
+  by :func:`quantize_input`, which multiplies by the float32 reciprocal as the fake-quantized
+  model does (``x / scale`` and ``x * (1 / scale)`` round to different integers for some x);
 - weights: int8, symmetric, per output channel (axis 0), narrow range ``[-127, 127]``, zero point 0;
 - biases: int32, ``scale[c] = input_scale * weight_scale[c]``, zero point 0.
 
@@ -140,11 +142,31 @@ class QParams:
         return (scale * (q.astype(np.float32) - zero_point)).astype(np.float32)
 
     def quantize(self, x: np.ndarray, dtype: DType = DType.INT8) -> np.ndarray:
-        """Round-half-to-even and clamp to ``dtype``: what ONNX QuantizeLinear does."""
+        """Round-half-to-even and clamp to ``dtype``: what ONNX QuantizeLinear does.
+
+        ``round(f32(x) / scale) + zero_point``, a float32 division. The reference executor rounds
+        op results with it, and it maps values already on the grid (weights, fake-quantized
+        outputs) back to their integers, where every rounding rule agrees. A float *model input*
+        goes through :meth:`quantize_input` instead, the fake-quantized model's arithmetic.
+        """
         scale, zero_point = self._broadcast(x.ndim)
         info = np.iinfo(dtype.numpy)
         q = np.round(x.astype(np.float32) / scale) + zero_point
         return np.clip(q, info.min, info.max).astype(dtype.numpy)
+
+    def quantize_input(self, x: np.ndarray) -> np.ndarray:
+        """Float model input ``x`` as the int8 the fake-quantized model sees: see
+        :func:`quantize_input`. Per-tensor parameters only (inputs are per tensor).
+
+        >>> QParams.per_tensor(0.1, 0).quantize_input(np.array([1.55], dtype=np.float32))
+        array([16], dtype=int8)
+        """
+        if self.is_per_channel:
+            raise GraphError(
+                f"quantize_input takes per-tensor parameters, got {self.scale.size} scales along "
+                f"axis {self.axis}; model inputs are quantized per tensor"
+            )
+        return quantize_input(x, float(self.scale[0]), int(self.zero_point[0]))
 
     def _broadcast(self, ndim: int) -> tuple[np.ndarray, np.ndarray]:
         if self.axis is None:
@@ -160,6 +182,48 @@ class QParams:
             and np.array_equal(self.scale, other.scale)
             and np.array_equal(self.zero_point, other.zero_point)
         )
+
+
+def quantize_input(
+    x: np.ndarray,
+    scale: float,
+    zero_point: int,
+    dtype: np.dtype[Any] | type[np.integer[Any]] = np.int8,
+) -> np.ndarray:
+    """Quantize a float model input the way the fake-quantized PyTorch model does.
+
+    ``clamp(rint(f32(x) * f32(1 / scale)) + zero_point)`` to the range of ``dtype``, in float32,
+    ``rint`` rounding half to even: the arithmetic of ``torch.fake_quantize_per_tensor_affine``
+    (``zero_point + nearbyint(x * (1.0f / scale))``), which edgekiln's activation quantizers
+    compute. The targets quantize float data given to an integer-input artifact with this, so
+    every runtime gets the integers the trained model saw, and agreement measures the runtime.
+
+    It is not ONNX QuantizeLinear (:meth:`QParams.quantize`, ``round(x / scale)``): ``x / scale``
+    and ``x * (1 / scale)`` can differ by one float32 unit in the last place, and near a half
+    step that moves the integer by one. Here ``1.55 / 0.1`` gives 15 and ``1.55 * (1 / 0.1)``
+    gives 16 in float32, as the fake-quantized model does:
+
+    >>> x = np.array([1.55, -0.25, 300.0], dtype=np.float32)  # -2.5 steps: half to even
+    >>> quantize_input(x, 0.1, 0)
+    array([ 16,  -2, 127], dtype=int8)
+    >>> QParams.per_tensor(0.1, 0).quantize(x)  # QuantizeLinear's division
+    array([ 15,  -2, 127], dtype=int8)
+    >>> quantize_input(x, 0.1, 128, np.uint8)  # a uint8 input (zero point 128)
+    array([144, 126, 255], dtype=uint8)
+
+    Args:
+        x: Real values, any shape; cast to float32 first. Must be finite (callers check).
+        scale: Positive scale, used as float32 (the artifact stores float32).
+        zero_point: Integer zero point.
+        dtype: The integer type of the input tensor (int8, or uint8 for some ONNX models).
+
+    Returns:
+        An array of the shape of ``x`` and type ``dtype``.
+    """
+    inv_scale = np.float32(1.0) / np.float32(scale)  # float32, as torch.reciprocal gives it
+    info = np.iinfo(dtype)
+    q = np.rint(np.asarray(x, dtype=np.float32) * inv_scale) + np.float32(zero_point)
+    return np.clip(q, info.min, info.max).astype(dtype)
 
 
 @dataclass

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from edgekiln.formats.tflite import TfliteModel, TfliteTensor, check_tflite
+from edgekiln.ir.graph import quantize_input
 from edgekiln.targets.base import (
     IsolatedRunError,
     Latency,
@@ -198,7 +199,16 @@ def input_layout(x: np.ndarray, xb: np.ndarray) -> str:
 
 
 def input_batch(tensor: TfliteTensor, x: np.ndarray, artifact: str) -> np.ndarray:
-    """``x`` in the input tensor's layout and dtype (quantized with its own parameters)."""
+    """``x`` in the input tensor's layout and dtype (quantized with its own parameters).
+
+    Float data for an int8 input is quantized by ``edgekiln.ir.graph.quantize_input``, the
+    fake-quantized model's ``rint(x * (1 / scale)) + zero_point``, so LiteRT, TFLM and the
+    simulator all get the integers training saw. A float-input artifact quantizes in its
+    QUANTIZE op instead, and there the kernels differ (measured on near-half-step inputs,
+    ai-edge-litert 2.3): XNNPACK and the builtin kernels multiply by the reciprocal and round
+    half to even, as the fake-quantized model does; the reference kernels and TFLM compute
+    ``TfLiteRound(x / scale)``, half away from zero, one integer off on exact half steps.
+    """
     x = np.asarray(x)
     shape = tuple(tensor.shape[1:])
     pytorch = _pytorch_shape(tensor.shape)
@@ -235,9 +245,8 @@ def input_batch(tensor: TfliteTensor, x: np.ndarray, artifact: str) -> np.ndarra
     x = _finite(x, artifact)
     scale = float(tensor.scale[0])
     zero_point = int(tensor.zero_point[0]) if tensor.zero_point.size else 0
-    info = np.iinfo(tensor.dtype)
-    q = np.round(x.astype(np.float32) / np.float32(scale)) + zero_point
-    return np.clip(q, info.min, info.max).astype(tensor.dtype)
+    # the integers the fake-quantized model's input quantizer gives, not round(x / scale)
+    return quantize_input(x, scale, zero_point, tensor.dtype)
 
 
 def _finite(x: np.ndarray, artifact: str) -> np.ndarray:

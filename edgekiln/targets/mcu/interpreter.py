@@ -237,8 +237,8 @@ class _OpContext:
         scale, zp = self.qparams(t)
 
         def q(f: float) -> int:
-            v = np.float32(f) / np.float32(scale)
-            return zp + int(np.sign(v) * np.floor(np.abs(v) + 0.5))
+            v = float(np.float32(f) / np.float32(scale))  # TfLiteRound of a float32 quotient,
+            return zp + int(np.sign(v) * np.floor(abs(v) + 0.5))  # + 0.5 exact in float64
 
         if act == "NONE":
             return K.INT8_MIN, K.INT8_MAX

@@ -567,8 +567,10 @@ def pad(x: np.ndarray, paddings: np.ndarray, value: int) -> np.ndarray:
 
 def quantize_float(x: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
     """QUANTIZE float32 -> int8: ``round(x / scale) + zero_point`` (half away from zero)."""
-    q = np.asarray(x, dtype=np.float32) / np.float32(scale)
-    rounded = np.sign(q) * np.floor(np.abs(q) + np.float32(0.5))
+    q = np.asarray(x, dtype=np.float32) / np.float32(scale)  # float32, as TFLM divides
+    # std::round of a float32: |q| + 0.5 taken in float64, where it is exact (in float32,
+    # 0.49999997 + 0.5 rounds up to 1.0 and the result would be 1, not 0)
+    rounded = np.sign(q) * np.floor(np.abs(q).astype(np.float64) + 0.5)
     with np.errstate(invalid="ignore"):
         out = np.nan_to_num(rounded, nan=0.0, posinf=2**31 - 1, neginf=-(2**31)) + zero_point
     return np.clip(out, INT8_MIN, INT8_MAX).astype(np.int8)

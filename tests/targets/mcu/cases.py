@@ -140,6 +140,22 @@ def _quantize_float(rng) -> Case:
     return n.build([x], [y]), xs.astype(np.float32)
 
 
+def _quantize_float_near_half(rng) -> Case:
+    """Quotients on and just below half steps, where rounding ``|q| + 0.5`` in float32 carries
+    0.49999997 up to 1 and TFLM's std::round does not (scale 1/64, so x / scale is exact)."""
+    n = Net()
+    x = n.act((1, 16), 0, 0, FLOAT32)
+    y = n.act((1, 16), 0.015625, -9)
+    n.op(B.QUANTIZE, [x], [y])
+    below_half = np.nextafter(np.float32(0.5), np.float32(0))  # 0.49999997
+    q = np.array([below_half, -below_half, 0.5, -0.5, 1.5, 2.5, -2.5, 3.5,
+                  1 + below_half, -(2 + below_half), 7.5, -7.5, 0.25, 126.5, -119.5, 0.0],
+                 dtype=np.float32)  # fmt: skip
+    xs = np.tile(q * np.float32(0.015625), (BATCH, 1))
+    xs[1:] += rng.normal(0, 0.01, (BATCH - 1, 16)).astype(np.float32)
+    return n.build([x], [y]), xs.astype(np.float32)
+
+
 def _requantize(rng, si, zi, so, zo) -> Case:
     n = Net()
     x = n.act((1, 64), si, zi)
@@ -204,6 +220,7 @@ CASES: dict[str, Callable[[np.random.Generator], Case]] = {
     "softmax_tiny_scale": lambda r: _softmax(r, scale=0.004, zp=10, depth=7),
     "pad": _pad,
     "quantize_float": _quantize_float,
+    "quantize_float_near_half": _quantize_float_near_half,
     "requantize_up": lambda r: _requantize(r, 0.01, 5, 0.037, -20),
     "requantize_down": lambda r: _requantize(r, 0.3, -100, 0.011, 3),
     "dequantize": _dequantize,
