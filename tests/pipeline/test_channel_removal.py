@@ -120,7 +120,7 @@ def test_removal_is_exact_in_the_reference_and_the_simulator(pruned, data):
     cat = next(op for op in small.ops if op.type == OpType.CONCAT)
     assert small.tensor(cat.outputs[0]).shape[1] == 8  # 4 + 4 of 16
 
-    x = dense.tensor(dense.inputs[0]).quant.quantize(data.numpy())
+    x = dense.tensor(dense.inputs[0]).quant.quantize_input(data.numpy())
     ref_dense, ref_small = run_reference(dense, x), run_reference(small, x)
     assert np.array_equal(ref_dense[dense.outputs[0]], ref_small[small.outputs[0]])
     nhwc = np.transpose(x, (0, 2, 3, 1))

@@ -43,7 +43,7 @@ def _calibrated(model: nn.Module, x: torch.Tensor, steps: int = 3) -> torch.fx.G
 def _lsb_from_graph(prepared: torch.fx.GraphModule, x: torch.Tensor) -> int:
     """Largest difference, in output LSB, of the fake-quant model from the int8 graph."""
     graph = capture(prepared)
-    q_in = graph.tensor(graph.inputs[0]).quant.quantize(x.numpy())
+    q_in = graph.tensor(graph.inputs[0]).quant.quantize_input(x.numpy())
     reference = run_reference(graph, q_in)[graph.outputs[0]].astype(np.int64)
     with torch.no_grad():
         got = graph.tensor(graph.outputs[0]).quant.quantize(prepared(x).numpy()).astype(np.int64)
@@ -101,7 +101,7 @@ def test_fake_quant_output_equals_the_graphs_value_for_value():
     x = torch.from_numpy(rng.uniform(-50.0, 50.0, (64, 4, 50)).astype(np.float32))
     prepared = _calibrated(net, x)
     graph = capture(prepared)
-    q_in = graph.tensor(graph.inputs[0]).quant.quantize(x.numpy())
+    q_in = graph.tensor(graph.inputs[0]).quant.quantize_input(x.numpy())
     reference = run_reference(graph, q_in)[graph.outputs[0]]
     with torch.no_grad():
         got = graph.tensor(graph.outputs[0]).quant.quantize(prepared(x).numpy())
@@ -334,7 +334,7 @@ def test_near_zero_input_range_exports_and_matches_the_int8_graph():
     assert np.abs(b_int).max() <= BIAS_STEPS_LIMIT
     stored = (b_int.astype(np.float64) * graph.tensor("conv.bias").quant.scale).astype(np.float32)
     np.testing.assert_array_equal(prepared.conv.bias.detach().numpy(), stored)
-    q_in = graph.tensor(graph.inputs[0]).quant.quantize(x.numpy())
+    q_in = graph.tensor(graph.inputs[0]).quant.quantize_input(x.numpy())
     reference = run_reference(graph, q_in)[graph.outputs[0]]
     with torch.no_grad():
         got = graph.tensor(graph.outputs[0]).quant.quantize(prepared(x).numpy())

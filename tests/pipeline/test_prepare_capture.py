@@ -110,7 +110,7 @@ def test_captured_graph_matches_fake_quant_model(model, data):
         OpType.RESHAPE,
         OpType.LINEAR,
     ]
-    x = graph.tensor(graph.inputs[0]).quant.quantize(data.numpy())
+    x = graph.tensor(graph.inputs[0]).quant.quantize_input(data.numpy())
     ours = run_reference(graph, x)[graph.outputs[0]].astype(np.int32)
     with torch.no_grad():
         expected = graph.tensor(graph.outputs[0]).quant.quantize(prepared(data).numpy())

@@ -226,7 +226,7 @@ def test_a_dead_filter_with_a_bias_is_captured():
     model = prepare(nn.Sequential(conv).eval(), torch.from_numpy(x[:2]))
     calibrate(model, x)
     graph = capture(model.eval())
-    q = graph.tensor(graph.inputs[0]).quant.quantize(x)
+    q = graph.tensor(graph.inputs[0]).quant.quantize_input(x)
     out = run_reference(graph, q)[graph.outputs[0]]
     with torch.no_grad():
         fq = model(torch.from_numpy(x)).numpy()
