@@ -187,7 +187,7 @@ class _Bars:
 def _cmd_run(args: argparse.Namespace) -> int:
     from edgekiln.config import load_config
     from edgekiln.distributed import init_distributed, on_main, shutdown
-    from edgekiln.run import load_run_config_for_resume, prepare_run_dir, run
+    from edgekiln.run import check_ranks, load_run_config_for_resume, prepare_run_dir, run
 
     if args.resume is not None and (args.recipe is not None or args.out is not None):
         raise ValueError(
@@ -202,6 +202,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             run_dir = args.resume
         else:
             config = load_config(args.recipe)
+            check_ranks(config, ctx)  # before the run directory exists
             run_dir = on_main(lambda: prepare_run_dir(args.out, force=args.force), ctx)
         bars = _Bars(enabled=not args.quiet and ctx.is_main)
         if ctx.is_main:

@@ -325,12 +325,17 @@ def _check_report_name(where: str, value: str, target: str) -> None:
 def _check_board(name: str, custom: Collection[str]) -> None:
     if name in custom:
         return
-    from edgekiln.targets.mcu.boards import get_board
+    from edgekiln.targets.mcu.boards import BOARDS, get_board
 
     try:
         get_board(name)
-    except (KeyError, ValueError) as e:
-        raise ConfigError(f"[targets] names: mcu:{name}: {e}") from None
+    except (KeyError, ValueError):
+        mine = f"; this recipe defines {', '.join(sorted(custom))}" if custom else ""
+        raise ConfigError(
+            f"[targets] names: mcu:{name} is not a board: the built-in ones are "
+            f"{', '.join(sorted(BOARDS))}{mine}. Define your own in a [[targets.boards]] table "
+            "(name, core, clock_hz, sram_bytes, flash_bytes) and name it here as mcu:NAME"
+        ) from None
 
 
 @dataclass(frozen=True)

@@ -137,11 +137,51 @@ def run(
     if resume:
         state = _load_state(run_dir)
         config = parse_config(state.recipe, Path(state.base), config.source)
-    else:
+    check_ranks(config, ctx)
+    if not resume:
         state = _State(recipe=config.raw, base=config.base)
         if ctx.is_main:
             _save_state(run_dir, state)
-    return _Run(config, run_dir, state, progress, ctx).go()
+    try:
+        return _Run(config, run_dir, state, progress, ctx).go()
+    except BaseException:
+        if not resume and ctx.is_main:
+            _forget_unstarted(run_dir, state)
+        raise
+
+
+def check_ranks(config: RunConfig, ctx: DistContext) -> None:
+    """Refuse a recipe whose global batch does not split over torchrun's ranks, before any
+    file is written (``fit`` would refuse it only when training starts).
+
+    Raises:
+        ConfigError: ``[train] batch_size`` is not a multiple of the world size.
+    """
+    batch, ranks = config.train.batch_size, ctx.world_size
+    if batch % ranks == 0:
+        return
+    below = batch - batch % ranks
+    raise ConfigError(
+        f"[train] batch_size = {batch} is the global batch and must split evenly over the "
+        f"{ranks} ranks torchrun started (each rank takes batch_size / {ranks}): use "
+        f"batch_size = {below or ranks} or {below + ranks}, or a number of processes that "
+        f"divides {batch}"
+    )
+
+
+def _forget_unstarted(run_dir: Path, state: _State) -> None:
+    """After a run failed before its first stage or checkpoint (a data or model error), take
+    back its ``state.json`` so the directory is as empty as it was and the same ``--out``
+    works again without ``--force``; a run with anything to resume from is left as it is."""
+    written = [p for p in run_dir.iterdir() if p.name != STATE_FILE]
+    checkpoints = run_dir / "checkpoints"
+    if state.completed or state.epochs or (written and written != [checkpoints]):
+        return
+    if checkpoints.is_dir() and any(checkpoints.iterdir()):
+        return
+    if checkpoints.is_dir():
+        checkpoints.rmdir()
+    (run_dir / STATE_FILE).unlink(missing_ok=True)
 
 
 def load_prepared(run_dir: Path) -> tuple[nn.Module, Any, RunConfig]:

@@ -84,7 +84,13 @@ def test_full_recipe_round_trips(tmp_path):
         ({"export": {"formats": ["pb"]}}, r"\[export\] formats = 'pb' is not valid"),
         ({"export": {"onnx_io": "uint8"}}, r"\[export\] onnx_io = 'uint8' is not valid"),
         ({"targets": {"names": ["tensorrt"]}}, r"\[targets\] names = 'tensorrt' is not valid"),
-        ({"targets": {"names": ["mcu:esp32"]}}, r"mcu:esp32: unknown board 'esp32'; known boards"),
+        (
+            {"targets": {"names": ["mcu:esp32"]}},
+            r"\[targets\] names: mcu:esp32 is not a board: the built-in ones are alif-e7-hp, "
+            r"nrf52840, nucleo-l4r5zi, rp2040, stm32h743, stm32u575\. Define your own in a "
+            r"\[\[targets\.boards\]\] table \(name, core, clock_hz, sram_bytes, flash_bytes\) and "
+            r"name it here as mcu:NAME$",
+        ),
         (
             {"export": {"formats": ["tflite"]}, "targets": {"names": ["onnxruntime"]}},
             r"runs the onnx artifact, but \[export\] formats = \['tflite'\]; add 'onnx'",

@@ -217,6 +217,8 @@ def test_data_without_a_train_split_or_test_samples(user_project):
         "on x_test"
     )):  # fmt: skip
         run(parse_config(doc, user_project), prepare_run_dir(user_project / "out"))
+    assert not any((user_project / "out").iterdir())  # nothing to resume: state.json taken back
+    prepare_run_dir(user_project / "out")  # so the same --out works again, without --force
 
     doc["train"] = {"float_epochs": 0, "qat_epochs": 0}  # calibration alone reads x_test
     report = run(parse_config(doc, user_project), prepare_run_dir(user_project / "calibrated"))
@@ -363,3 +365,29 @@ def test_channel_pruning_sweep_and_prune_then_qat_reach_the_report(tmp_path):
     page = (out / "report.html").read_text()
     assert "What sparsity buys" in page and "Sparsity sweep" in page
     assert report["targets"][0]["ok"]
+
+
+def test_a_batch_that_does_not_split_over_the_ranks_is_refused_before_any_file(tmp_path):
+    from edgekiln.distributed import DistContext
+    from edgekiln.run import check_ranks
+
+    config = parse_config({"train": {"batch_size": 63}}, tmp_path)
+    check_ranks(config, DistContext())  # one process takes any batch
+    check_ranks(config, DistContext(rank=0, world_size=3, backend="gloo"))
+    with pytest.raises(ConfigError, match=_whole(
+        "[train] batch_size = 63 is the global batch and must split evenly over the 2 ranks "
+        "torchrun started (each rank takes batch_size / 2): use batch_size = 62 or 64, or a "
+        "number of processes that divides 63"
+    )):  # fmt: skip
+        run(config, tmp_path / "never", ctx=DistContext(rank=0, world_size=2, backend="gloo"))
+    assert not (tmp_path / "never").exists()
+
+
+def test_a_run_that_failed_after_a_checkpoint_keeps_its_state(tmp_path):
+    from edgekiln.run import STATE_FILE, _forget_unstarted, _State
+
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "float.pt").write_bytes(b"x")
+    (tmp_path / STATE_FILE).write_text("{}")
+    _forget_unstarted(tmp_path, _State(recipe={}, base=str(tmp_path), epochs={"float": 1}))
+    assert (tmp_path / STATE_FILE).is_file() and (tmp_path / "checkpoints" / "float.pt").is_file()
