@@ -11,10 +11,15 @@ the MCU simulator, and checks:
 - ``per_op_lsb``: each op, run by a runtime on the runtime's own int8 inputs, is within that
   runtime's per-op bound (``PER_OP_LSB``, derived in docs/fidelity-bounds.md) of the reference;
 - ``end_to_end_lsb``: each runtime's output, and the fake-quantized PyTorch model's, is within
-  the bound obtained by propagating the per-op bounds through the graph (``propagated_bound``);
+  the bound obtained by propagating the per-op bounds through the graph, value by value
+  (``reference_bound``); a runtime whose bound leaves no output value less than the int8
+  range around it checked nothing and is counted as vacuous (``Outcome.vacuous``,
+  ``end_to_end_summary``);
 - ``no_crash``: every stage either succeeds or refuses with a documented error (``REFUSALS``).
 
 A violation is returned in ``Outcome.violations`` (never raised), so a long run can count them.
+``Outcome.values`` counts the values each property compared; ``end_to_end_checked:<runtime>``
+counts the output values whose end-to-end bound could have failed.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import math
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +40,7 @@ from onnx import numpy_helper
 from edgekiln.exporters.onnx import write_onnx
 from edgekiln.exporters.tflite import _Writer, write_tflite
 from edgekiln.formats.tflite import read_tflite
-from edgekiln.ir import DType, Graph, OpType
+from edgekiln.ir import Activation, DType, Graph, OpType
 from edgekiln.ir.reference import float_op, run_reference
 from edgekiln.targets.litert import input_batch, run_litert, to_pytorch_layout
 from edgekiln.targets.mcu import simulate
@@ -50,6 +55,7 @@ REQUANT_OPS = frozenset(
     {OpType.CONV, OpType.LINEAR, OpType.ADD, OpType.AVG_POOL, OpType.MEAN, OpType.SOFTMAX}
 )
 MOVE_OPS = frozenset({OpType.MAX_POOL, OpType.RESHAPE, OpType.CONCAT, OpType.PAD})
+INT8_SPAN = 255  # two int8 values differ by at most this: an end-to-end bound this large is vacuous
 
 
 def _bounds(requant: int) -> dict[OpType, int]:
@@ -85,9 +91,11 @@ class Outcome:
     stage: str = ""
     message: str = ""
     op_types: Counter = field(default_factory=Counter)
-    values: Counter = field(default_factory=Counter)  # property -> values compared
+    values: Counter = field(default_factory=Counter)  # property -> values compared (see below)
     max_step_lsb: dict[str, dict[str, int]] = field(default_factory=dict)  # runtime -> op -> lsb
     end_to_end: dict[str, tuple[int, int]] = field(default_factory=dict)  # runtime -> (lsb, bound)
+    vacuous: list[str] = field(default_factory=list)  # runtimes whose end-to-end check was vacuous
+    static_bound: dict[str, int] = field(default_factory=dict)  # runtime -> propagated_bound
     violations: list[str] = field(default_factory=list)
     refusals: list[str] = field(default_factory=list)  # runtimes that refused, naming why
     seconds: float = 0.0
@@ -103,7 +111,7 @@ class Outcome:
         lines += self.violations
         if self.message:
             lines.append(self.message)
-        lines.append(f"end_to_end={self.end_to_end}")
+        lines.append(f"end_to_end={self.end_to_end} vacuous={self.vacuous}")
         lines.append(f"max_step_lsb={self.max_step_lsb}")
         return "\n".join(lines)
 
@@ -218,7 +226,23 @@ def check_graph(
         _check_end_to_end(graph, reference, output, name, out)
     if fake_quant is not None:
         oq = graph.tensor(graph.outputs[0]).quant.quantize(fake_quant)
-        _check_end_to_end(graph, reference, oq, "fake_quant", out)
+        own_input = _fake_quant_input_lsb(graph, x, xq)
+        _check_end_to_end(graph, reference, oq, "fake_quant", out, own_input)
+
+
+def _fake_quant_input_lsb(graph: Graph, x: np.ndarray, xq: np.ndarray) -> int:
+    """How far the fake-quantized model's own quantization of ``x`` is from ``xq``, in LSB.
+
+    The model multiplies by the float32 reciprocal of the scale (``x * (1 / s)``), the graph
+    divides (``x / s``): near a tie the two can round one step apart, so this is measured.
+    """
+    from edgekiln.pipeline.quant import activation_spec, fake_quantize
+
+    q = graph.tensor(graph.inputs[0]).quant
+    scale = torch.tensor(float(q.scale.reshape(-1)[0]), dtype=torch.float32)
+    zero_point = torch.tensor(int(q.zero_point.reshape(-1)[0]), dtype=torch.int32)
+    real = fake_quantize(torch.from_numpy(x), scale, zero_point, activation_spec(8))
+    return lsb(xq, q.quantize(real.numpy()))
 
 
 # ---- properties ----------------------------------------------------------------------------
@@ -383,35 +407,17 @@ def op_gain(graph: Graph, op: Any) -> list[float]:
     return [1.0] * len(op.inputs)
 
 
-def bias_rounding_lsb(graph: Graph, op: Any) -> float:
-    """Half the int32 bias step of a conv / linear in output LSB: ``0.5 * max_c M_c``.
-
-    The int8 graph holds the bias rounded to ``s_in * s_w[c]``; the fake-quantized PyTorch
-    model adds the float bias. ``M_c = s_in * s_w[c] / s_out`` is the requantization
-    multiplier, so the two differ by up to ``0.5 * M_c`` output LSB before rounding: nothing
-    for ordinary ranges (M << 1), tens of LSB when a huge input range feeds a small output one.
-    """
-    if op.type not in (OpType.CONV, OpType.LINEAR):
-        return 0.0
-    s_in = float(graph.tensor(op.inputs[0]).quant.scale[0])
-    s_out = float(graph.tensor(op.outputs[0]).quant.scale[0])
-    s_w = graph.tensor(op.inputs[1]).quant.scale.astype(np.float64)
-    return 0.5 * float(np.max(s_w)) * s_in / s_out
-
-
-def propagated_bound(
-    graph: Graph, per_op: dict[OpType, int], *, float_bias: bool = False
-) -> dict[str, int]:
+def propagated_bound(graph: Graph, per_op: dict[OpType, int], input_lsb: int = 0) -> dict[str, int]:
     """Largest LSB difference each activation can have from the reference, op by op.
 
     An op given inputs off by ``e_i`` LSB has an exact result off by at most
     ``d = sum(gain_i * e_i)`` LSB; two reals ``d`` apart round (half to even) to integers at
     most ``floor(d) + 1`` apart (0 when ``d == 0``); the runtime's own rounding adds its
-    per-op bound. Move ops copy values (``max e_i``). Capped at 255 (the int8 range).
-    ``float_bias=True`` (the fake-quantized PyTorch model) adds ``bias_rounding_lsb`` to the
-    difference before rounding at each conv / linear.
+    per-op bound. Move ops copy values (``max e_i``). ``input_lsb``: how far the runtime's
+    int8 input is from the reference's (0 but for the fake-quantized model, which quantizes
+    the float input itself). Capped at ``INT8_SPAN`` (the int8 range), where it checks nothing.
     """
-    e: dict[str, int] = {name: 0 for name in graph.inputs}
+    e: dict[str, int] = {name: input_lsb for name in graph.inputs}
     for op in graph.ops:
         ins = [n for n in op.inputs if graph.tensor(n).data is None]
         errors = [e[n] for n in ins]
@@ -419,23 +425,207 @@ def propagated_bound(
             bound = max(errors)
         else:
             d = sum(g * err for g, err in zip(op_gain(graph, op), errors, strict=False))
-            own = per_op[op.type]
-            if float_bias and op.type in (OpType.CONV, OpType.LINEAR):
-                d += bias_rounding_lsb(graph, op)
-                own = max(own - 1, 0)  # the rounding step below is the same one
-            bound = (math.floor(d * (1 + 1e-6)) + 1 if d > 0 else 0) + own
-        e[op.outputs[0]] = min(bound, 255)
+            bound = (math.floor(d * (1 + 1e-6)) + 1 if d > 0 else 0) + per_op[op.type]
+        e[op.outputs[0]] = min(bound, INT8_SPAN)
     return e
 
 
+def reference_bound(
+    graph: Graph,
+    reference: dict[str, np.ndarray],
+    per_op: dict[OpType, int],
+    input_lsb: int = 0,
+) -> dict[str, np.ndarray]:
+    """Per value: how far each activation of a runtime can be from the reference, in LSB.
+
+    The argument of ``propagated_bound``, run on arrays (int64, each the shape of
+    ``reference[t]``) with the reference's own values, so it is tighter and still sound:
+
+    - the input errors reach each output value through its own taps: conv / linear convolve
+      them with ``|w|`` (a padded border sees fewer taps), add rescales both, pools and means
+      pool them, move ops move them;
+    - the reference op run on the runtime's inputs then lies between its roundings of
+      ``y - D`` and ``y + D`` (``y`` the reference's value before the fused activation, ``D``
+      that reach), both through the activation and the int8 clamp; for a softmax, between the
+      probabilities with each logit pushed by its error against the others (exact: ``p_j`` is
+      monotone in every logit);
+    - the per-op bound puts the runtime's int8 result within ``b`` of that int8 result. So a
+      value that a ReLU or the int8 clamp saturates by more than ``D`` is within ``b``, a value
+      whose inputs are all exact is within ``b``, and no bound exceeds the room the int8 range
+      leaves around the reference value.
+
+    ``D`` is widened by ``2**-20 * terms * sum|terms|`` (in LSB, over the sum's terms), more
+    than the float32 error of both reference evaluations, so no rounding tie is decided in
+    the bound's favour. ``input_lsb`` is as in ``propagated_bound``.
+    """
+    e: dict[str, np.ndarray] = {
+        name: np.full(reference[name].shape, input_lsb, np.int64) for name in graph.inputs
+    }
+    for op in graph.ops:
+        ins = [n for n in op.inputs if graph.tensor(n).data is None]
+        if op.type in MOVE_OPS:  # int8 values copied: the errors move with them
+            moved = float_op(op, [e[n].astype(np.float64) for n in ins], graph)
+            e[op.outputs[0]] = np.rint(np.maximum(moved, 0)).astype(np.int64)
+            continue
+        e[op.outputs[0]] = _requant_bound(graph, op, reference, e, per_op[op.type])
+    return e
+
+
+def _requant_bound(
+    graph: Graph,
+    op: Any,
+    reference: dict[str, np.ndarray],
+    e: dict[str, np.ndarray],
+    own: int,
+) -> np.ndarray:
+    """``reference_bound`` of one requantizing op's output, given its inputs' bounds ``e``."""
+    out = graph.tensor(op.outputs[0])
+    s_out = float(out.quant.scale[0])
+    zp = float(out.quant.zero_point[0])
+    real = [_real_input(graph, n, reference) for n in op.inputs]
+    if op.type == OpType.SOFTMAX:
+        lo, hi, moved = _softmax_interval(graph, op, real[0], e[op.inputs[0]])
+    else:
+        lo, hi, moved = _affine_interval(graph, op, real, e)
+    # the reference op on the runtime's inputs gives a value in [lo, hi] (before rounding), so
+    # an int8 in [lower, upper] (ties either way); the runtime's int8 is within own of that
+    # int8 (the per-op bound holds after the clamp: a saturated value may still move by own)
+    lower = np.clip(np.clip(np.ceil(lo / s_out + zp - 0.5), -128, 127) - own, -128, 127)
+    upper = np.clip(np.clip(np.floor(hi / s_out + zp + 0.5), -128, 127) + own, -128, 127)
+    r = reference[op.outputs[0]].astype(np.int64)
+    bound = np.maximum(np.maximum(upper - r, r - lower), 0).astype(np.int64)
+    return np.where(moved, bound, np.minimum(bound, own))
+
+
+def _affine_interval(
+    graph: Graph, op: Any, real: list[np.ndarray], e: dict[str, np.ndarray]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Conv, linear, add, average pool, mean: ``act(y -+ reach)`` in real units, and where
+    ``reach`` holds an input error (False: every input of that value is exact)."""
+    s_out = float(graph.tensor(op.outputs[0]).quant.scale[0])
+    plain = replace(op, attrs={**op.attrs, "activation": Activation.NONE})
+    if op.type in (OpType.CONV, OpType.LINEAR):  # the error map through |w|
+        s_in = float(graph.tensor(op.inputs[0]).quant.scale[0])
+        w_abs = np.abs(real[1].astype(np.float64))
+        b = real[2].astype(np.float64)
+        d = float_op(plain, [e[op.inputs[0]] * s_in, w_abs, np.zeros_like(b)], graph)
+        magnitude = float_op(plain, [np.abs(real[0]), w_abs, np.abs(b)], graph)
+        terms = w_abs[0].size + 1
+    elif op.type == OpType.ADD:
+        d = sum(e[n] * float(graph.tensor(n).quant.scale[0]) for n in op.inputs)
+        magnitude, terms = np.abs(real[0]) + np.abs(real[1]), 2
+    else:  # average pool, mean: the pooled errors (one shared scale)
+        s_in = float(graph.tensor(op.inputs[0]).quant.scale[0])
+        d = float_op(op, [e[op.inputs[0]] * s_in], graph)
+        magnitude = float_op(op, [np.abs(real[0])], graph)
+        if op.type == OpType.AVG_POOL:
+            terms = int(np.prod(op.attrs["kernel"]))
+        else:
+            terms = int(np.prod(real[0].shape[1:])) // int(np.prod(d.shape[1:]))
+    d = np.asarray(d, np.float64)  # real units, the shape of the output
+    hair = (1e-4 + 2.0**-20 * terms * np.asarray(magnitude, np.float64) / s_out) * s_out
+    reach = d * (1 + 1e-6 + 2.0**-20 * terms) + hair
+    y = np.asarray(float_op(plain, real, graph), np.float64)  # before the activation
+    act = op.attrs.get("activation", Activation.NONE)
+    return _activate(y - reach, act), _activate(y + reach, act), d > 0
+
+
+def _softmax_interval(
+    graph: Graph, op: Any, x: np.ndarray, e_in: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The exact range of each softmax output when each logit moves by at most its error.
+
+    ``p_j = 1 / sum_k exp(z_k - z_j)`` is largest with ``z_j`` up and every other ``z_k`` down
+    by their errors, smallest the other way round. Rows of ``(N, C)``; real units (0 to 1),
+    widened by the float32 error of the reference's ``exp`` and sums.
+    """
+    s_in = float(graph.tensor(op.inputs[0]).quant.scale[0])
+    s_out = float(graph.tensor(op.outputs[0]).quant.scale[0])
+    beta = float(op.attrs["beta"])
+    z = x.astype(np.float64) * beta
+    delta = e_in * s_in * beta * (1 + 1e-6)
+    gap = z[..., None, :] - z[..., :, None]  # [..., j, k] = z_k - z_j
+    spread = delta[..., None, :] + delta[..., :, None]
+    same = np.eye(z.shape[-1], dtype=bool)
+    with np.errstate(over="ignore"):  # exp overflows to inf, and 1 / inf is the 0 it means
+        p_hi = 1.0 / np.where(same, 1.0, np.exp(gap - spread)).sum(axis=-1)
+        p_lo = 1.0 / np.where(same, 1.0, np.exp(gap + spread)).sum(axis=-1)
+    hair = (1e-4 + 2.0**-20 * 4 * z.shape[-1] / s_out) * s_out
+    return p_lo - hair, p_hi + hair, np.broadcast_to(delta.max(axis=-1, keepdims=True) > 0, z.shape)
+
+
+def _activate(v: np.ndarray, activation: Activation) -> np.ndarray:
+    if activation == Activation.RELU:
+        return np.maximum(v, 0.0)
+    if activation == Activation.RELU6:
+        return np.clip(v, 0.0, 6.0)
+    return v
+
+
 def _check_end_to_end(
-    graph: Graph, reference: dict[str, np.ndarray], got: np.ndarray, runtime: str, out: Outcome
+    graph: Graph,
+    reference: dict[str, np.ndarray],
+    got: np.ndarray,
+    runtime: str,
+    out: Outcome,
+    input_lsb: int = 0,
 ) -> None:
     name = graph.outputs[0]
     per_op = PER_OP_LSB[runtime]
-    bound = propagated_bound(graph, per_op, float_bias=runtime == "fake_quant")[name]
-    diff = lsb(reference[name], got)
+    want = reference[name].astype(np.int64)
+    diff = np.abs(np.asarray(got).astype(np.int64).reshape(want.shape) - want)
+    bound = reference_bound(graph, reference, per_op, input_lsb)[name]
+    room = np.maximum(want + 128, 127 - want)  # the largest difference int8 leaves each value
+    checked = int(np.count_nonzero(bound < room))
     out.values[f"end_to_end:{runtime}"] += got.size
-    out.end_to_end[runtime] = (diff, bound)
-    if diff > bound:
-        out.fail("end_to_end_lsb", f"{runtime}: output {diff} LSB from the reference > {bound}")
+    out.values[f"end_to_end_checked:{runtime}"] += checked
+    out.end_to_end[runtime] = (int(diff.max(initial=0)), int(bound.max(initial=0)))
+    out.static_bound[runtime] = propagated_bound(graph, per_op, input_lsb)[name]
+    if checked == 0:
+        out.vacuous.append(runtime)
+    over = diff > bound
+    if over.any():
+        at = np.unravel_index(int(np.argmax(diff - bound)), diff.shape)
+        out.fail(
+            "end_to_end_lsb",
+            f"{runtime}: {int(over.sum())} of {diff.size} output values exceed their bound, "
+            f"the worst at {tuple(int(i) for i in at)}: {diff[at]} LSB from the reference "
+            f"> {bound[at]}",
+        )
+
+
+_SUMMARY_KEYS = (
+    "models",
+    "max_lsb",
+    "models_nonzero",
+    "max_bound",
+    "vacuous",
+    "static_vacuous",
+    "values",
+    "values_checked",
+)
+
+
+def end_to_end_summary(outcomes: list[Outcome]) -> dict[str, dict[str, int]]:
+    """Per runtime, over ``outcomes``: how the end-to-end check went, and how often it was vacuous.
+
+    ``models``: outcomes with an end-to-end figure; ``max_lsb``, ``models_nonzero``: the largest
+    output difference and how many models differed at all; ``max_bound``: the loosest per-value
+    bound; ``vacuous``: models where no output value's bound was below the room int8 leaves it
+    (the check could not fail); ``static_vacuous``: models whose ``propagated_bound`` reached
+    ``INT8_SPAN``; ``values``, ``values_checked``: output values compared, and those whose bound
+    could have failed.
+    """
+    rows: dict[str, dict[str, int]] = {}
+    for o in outcomes:
+        for runtime, (diff, bound) in o.end_to_end.items():
+            row = rows.setdefault(runtime, dict.fromkeys(_SUMMARY_KEYS, 0))
+            row["models"] += 1
+            row["max_lsb"] = max(row["max_lsb"], diff)
+            row["models_nonzero"] += diff > 0
+            row["max_bound"] = max(row["max_bound"], bound)
+            row["vacuous"] += runtime in o.vacuous
+            row["static_vacuous"] += o.static_bound.get(runtime, 0) >= INT8_SPAN
+            row["values"] += o.values[f"end_to_end:{runtime}"]
+            row["values_checked"] += o.values[f"end_to_end_checked:{runtime}"]
+    return rows
