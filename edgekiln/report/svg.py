@@ -1,4 +1,4 @@
-"""Inline SVG charts for report.html: horizontal bars, vertical bars and lines, no dependencies.
+"""Inline SVG charts for report.html: bars, lines and x-y plots, no dependencies.
 
 Each function returns one ``<svg>`` element as a string; every label is HTML-escaped here,
 so callers pass raw strings. Sizes are in CSS pixels; text widths are estimated (7 px per
@@ -16,7 +16,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from html import escape
 
-__all__ = ["PALETTE", "RefLine", "hbar_chart", "line_chart", "nice_ticks", "vbar_chart"]
+__all__ = [
+    "PALETTE",
+    "RefLine",
+    "Series",
+    "hbar_chart",
+    "line_chart",
+    "nice_ticks",
+    "vbar_chart",
+    "xy_chart",
+]
 
 PALETTE = {
     "bar": "#4c78a8",
@@ -29,6 +38,7 @@ PALETTE = {
     "axis": "#8a9099",
     "text": "#25292e",
     "muted": "#6a717a",
+    "baseline": "#6a717a",
 }
 _CHAR_PX = 7.0  # average glyph width of 12 px sans-serif
 _FONT = 'font-family="system-ui, -apple-system, Segoe UI, Helvetica, Arial, sans-serif"'
@@ -36,11 +46,24 @@ _FONT = 'font-family="system-ui, -apple-system, Segoe UI, Helvetica, Arial, sans
 
 @dataclass(frozen=True)
 class RefLine:
-    """A vertical reference line across a horizontal bar chart (a target or a budget)."""
+    """A reference value drawn as a dashed line: vertical across a horizontal bar chart (a
+    target or a budget), horizontal across an x-y chart (a baseline)."""
 
     value: float
     label: str
     color: str = PALETTE["ref1"]
+
+
+@dataclass(frozen=True)
+class Series:
+    """One line of an x-y chart: ``(x, y)`` points joined in order and each marked with a dot.
+
+    A None ``y`` is a point that was not measured: the line breaks there.
+    """
+
+    label: str
+    points: Sequence[tuple[float, float | None]]
+    color: str = PALETTE["bar"]
 
 
 def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
@@ -303,3 +326,141 @@ def _last_value(series: Sequence[tuple[str, Sequence[float], str]], label: str) 
         if vs:
             previous = vs
     return previous[-1] if previous else 0.0
+
+
+def _covering_ticks(lo: float, hi: float, count: int) -> list[float]:
+    """``nice_ticks`` widened by whole steps so that the first is <= lo and the last >= hi."""
+    if hi - lo < 1e-12:
+        pad = abs(lo) * 0.05 or 0.5
+        lo, hi = lo - pad, hi + pad
+    ticks = nice_ticks(lo, hi, count)
+    step = ticks[1] - ticks[0] if len(ticks) > 1 else 1.0
+    if ticks[0] > lo + 1e-12:
+        ticks.insert(0, round(ticks[0] - step, 12))
+    if ticks[-1] < hi - 1e-12:
+        ticks.append(round(ticks[-1] + step, 12))
+    return ticks
+
+
+def xy_chart(
+    series: Sequence[Series],
+    *,
+    x_range: tuple[float, float] | None = None,
+    refs: Sequence[RefLine] = (),
+    width: int = 760,
+    height: int = 250,
+    x_label: str = "",
+    y_label: str = "",
+    x_fmt: Callable[[float], str] = lambda v: f"{v:g}",
+    y_fmt: Callable[[float], str] = lambda v: f"{v:.3g}",
+    point_labels: bool = False,
+) -> str:
+    """Lines over a numeric x axis, every point marked; ``refs`` are dashed horizontal lines.
+
+    ``x_range`` fixes the x axis (default: the points' range); the y axis covers every point
+    and reference line, widened to whole tick steps (it need not start at 0). ``x_fmt`` and
+    ``y_fmt`` format tick labels and the tooltips; ``point_labels`` writes each point's
+    ``y_fmt`` value above it (for one series with a few points). A legend above the plot
+    names the series (solid) and the reference lines (dashed).
+
+    >>> svg = xy_chart([Series("accuracy", [(0.25, 0.97), (0.5, 0.95)])], x_range=(0, 1),
+    ...                refs=[RefLine(0.98, "float model")], y_fmt=lambda v: f"{100 * v:.0f}%")
+    >>> svg.count("<circle"), "stroke-dasharray" in svg, "float model" in svg
+    (2, True, True)
+    """
+    xs = [x for s in series for x, _ in s.points]
+    ys = [y for s in series for _, y in s.points if y is not None] + [r.value for r in refs]
+    x_lo, x_hi = x_range if x_range is not None else (min(xs, default=0.0), max(xs, default=1.0))
+    if not x_hi > x_lo:
+        x_lo, x_hi = x_lo - 0.5, x_lo + 0.5
+    y_ticks = _covering_ticks(min(ys, default=0.0), max(ys, default=1.0), 4)
+    y_lo, y_hi = y_ticks[0], y_ticks[-1]
+    x_ticks = [t for t in nice_ticks(x_lo, x_hi, 5) if x_lo - 1e-12 <= t <= x_hi + 1e-12]
+
+    tick_chars = max((len(y_fmt(t)) for t in y_ticks), default=3)
+    left = 14 + tick_chars * _CHAR_PX + (18 if y_label else 0)
+    right, top = 22, 34
+    bottom = 24 + (16 if x_label else 0)
+    plot_w, plot_h = width - left - right, height - top - bottom
+
+    def px(x: float) -> float:
+        return left + plot_w * (x - x_lo) / (x_hi - x_lo)
+
+    def py(y: float) -> float:
+        return top + plot_h * (1 - (y - y_lo) / (y_hi - y_lo))
+
+    legend = [(s.label, s.color, False) for s in series] + [(r.label, r.color, True) for r in refs]
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" {_FONT} role="img">',
+        _legend(legend, left, 15),
+    ]
+    for tick in y_ticks:
+        y = py(tick)
+        out.append(
+            f'<line x1="{left:.1f}" y1="{y:.1f}" x2="{left + plot_w:.1f}" y2="{y:.1f}" '
+            f'stroke="{PALETTE["grid"]}"/>'
+        )
+        out.append(_text(left - 6, y + 4, y_fmt(tick), "end", 11, fill=PALETTE["muted"]))
+    for tick in x_ticks:
+        x = px(tick)
+        out.append(
+            f'<line x1="{x:.1f}" y1="{top + plot_h:.1f}" x2="{x:.1f}" y2="{top + plot_h + 4:.1f}" '
+            f'stroke="{PALETTE["axis"]}"/>'
+        )
+        out.append(_text(x, top + plot_h + 17, x_fmt(tick), "middle", 11, fill=PALETTE["muted"]))
+    out.append(
+        f'<path d="M{left:.1f},{top:.1f} V{top + plot_h:.1f} H{left + plot_w:.1f}" fill="none" '
+        f'stroke="{PALETTE["axis"]}"/>'
+    )
+    for ref in refs:
+        ref_y = py(ref.value)
+        out.append(
+            f'<line x1="{left:.1f}" y1="{ref_y:.1f}" x2="{left + plot_w:.1f}" y2="{ref_y:.1f}" '
+            f'stroke="{ref.color}" stroke-width="1.5" stroke-dasharray="5 3">'
+            f"<title>{escape(ref.label)}: {escape(y_fmt(ref.value))}</title></line>"
+        )
+    for s in series:
+        runs: list[list[tuple[float, float]]] = [[]]
+        for x, value in s.points:
+            if value is None:
+                runs.append([])
+            else:
+                runs[-1].append((px(x), py(value)))
+        for run in runs:
+            if len(run) > 1:
+                path = " ".join(f"{cx:.1f},{cy:.1f}" for cx, cy in run)
+                out.append(
+                    f'<polyline points="{path}" fill="none" stroke="{s.color}" '
+                    'stroke-width="2" stroke-linejoin="round"/>'
+                )
+        for x, value in s.points:
+            if value is None:
+                continue
+            tip = f"{s.label} at {x_fmt(x)}: {y_fmt(value)}"
+            out.append(
+                f"<g><title>{escape(tip)}</title>"
+                f'<circle cx="{px(x):.1f}" cy="{py(value):.1f}" r="3.5" fill="{s.color}" '
+                'stroke="#ffffff" stroke-width="1"/></g>'
+            )
+            if point_labels:
+                out.append(_text(px(x), py(value) - 8, y_fmt(value), "middle", 10, fill=s.color))
+    if x_label:
+        out.append(
+            _text(left + plot_w / 2, height - 4, x_label, "middle", 11, fill=PALETTE["muted"])
+        )
+    if y_label:
+        cx, cy = 12, top + plot_h / 2
+        out.append(
+            _text(
+                cx,
+                cy,
+                y_label,
+                "middle",
+                11,
+                fill=PALETTE["muted"],
+                transform=f"rotate(-90 {cx:.1f} {cy:.1f})",
+            )
+        )
+    out.append("</svg>")
+    return "".join(out)
