@@ -11,7 +11,8 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +31,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_UNUSABLE
     try:
-        return int(args.func(args))
+        with warnings.catch_warnings():
+            warnings.showwarning = _warning_line(args.command)
+            return int(args.func(args))
     except KeyboardInterrupt:
         print("\ninterrupted; resume with `edgekiln run --resume DIR`", file=sys.stderr)
         return 130
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"edgekiln {args.command}: error: {e}", file=sys.stderr)
         return EXIT_UNUSABLE
+
+
+def _warning_line(command: str) -> Callable[..., None]:
+    """Show the library's warnings as ``edgekiln COMMAND: warning: ...`` lines on stderr,
+    above any progress bar, instead of Python's file-and-line form."""
+
+    def show(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(f"edgekiln {command}: warning: {message}", file=sys.stderr)
+
+    return show
 
 
 def _parser() -> argparse.ArgumentParser:
