@@ -1,9 +1,11 @@
 """Hostile recipes: a missing or broken recipe file, a data file that is missing, cut short or
-holds the wrong arrays, a model source that cannot be imported or whose callable raises.
+holds the wrong arrays, a model source that cannot be imported or whose callable raises, a
+board table with bad values, and a bad ``edgekiln validate --boards`` file.
 
 Each goes through ``edgekiln.run`` in this process, as ``edgekiln run`` would take it, and must
 stop with an error naming the recipe key, the file or the callable (a ConfigError, before any
-training): never an exception from deep inside. Every case is counted in the session's hostile
+training): never an exception from deep inside, and leave no state.json that would make the
+same ``--out`` look like a run to resume. Every case is counted in the session's hostile
 tally. tests/test_config.py and tests/test_run.py pin some of these messages word for word;
 here they are counted with the rest of the hostile inputs.
 """
@@ -17,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgekiln.config import load_config, parse_config
+from edgekiln.config import load_boards, load_config, parse_config
 from edgekiln.run import prepare_run_dir, run
 from tests.hostile.tally import ERROR_NAMED, TALLY, judge
 
@@ -205,6 +207,81 @@ HOSTILE_RECIPES: list[tuple[str, str, Callable[[Path, Path], object], str]] = [
     ),
 ]
 
+BOARD = {"name": "my-m4", "core": "cortex-m4", "clock_hz": 80_000_000, "sram_bytes": 131072,
+         "flash_bytes": 524288}  # fmt: skip
+
+
+def _board(**changes: object) -> Callable[[Path, Path], object]:
+    """The recipe with one [[targets.boards]] table, ``changes`` applied (None drops a key)."""
+    board = {k: v for k, v in {**BOARD, **changes}.items() if v is not None}
+    return _run(targets={"names": ["mcu:my-m4"], "boards": [board]})
+
+
+def _boards_file(text: str | bytes | None) -> Callable[[Path, Path], object]:
+    """``edgekiln validate --boards FILE``'s reading of a file holding ``text`` (None: none)."""
+
+    def call(project: Path, out: Path) -> object:
+        path = out.parent / "boards.toml"
+        if isinstance(text, bytes):
+            path.write_bytes(text)
+        elif text is not None:
+            path.write_text(text)
+        return load_boards(path)
+
+    return call
+
+
+HOSTILE_RECIPES += [
+    (
+        "recipe: boards",
+        "wait states out of range",
+        _board(flash_wait_states=16),
+        r"'flash_wait_states' = 16 is invalid: it must be a whole number from 0 to 15",
+    ),
+    (
+        "recipe: boards",
+        "wait states negative",
+        _board(flash_wait_states=-1),
+        r"'flash_wait_states' = -1 is invalid",
+    ),
+    (
+        "recipe: boards",
+        "wait states as text",
+        _board(flash_wait_states="3"),
+        r"'flash_wait_states' = '3' is invalid",
+    ),
+    (
+        "recipe: boards",
+        "wait states true",
+        _board(flash_wait_states=True),
+        r"'flash_wait_states' = True is invalid",
+    ),
+    ("recipe: boards", "unknown key", _board(ram=1), r"board key\(s\) 'ram' are not known"),
+    ("recipe: boards", "core missing", _board(core=None), r"board 'my-m4' lacks key\(s\) core"),
+    ("recipe: boards", "unknown core", _board(core="cortex-a53"), r"'cortex-a53'.*cortex-m4"),
+    ("recipe: boards", "zero SRAM", _board(sram_bytes=0), r"sram_bytes.*0.*positive integer"),
+    (
+        "boards file",
+        "missing",
+        _boards_file(None),
+        r"boards\.toml' does not exist; name a \.toml file holding \[\[boards\]\] tables",
+    ),
+    ("boards file", "not TOML", _boards_file("[[boards]\nname ="), r"is not valid TOML"),
+    ("boards file", "binary bytes", _boards_file(b"\xff\xfe\x00"), r"is not valid TOML"),
+    (
+        "boards file",
+        "no boards",
+        _boards_file("[model]\n"),
+        r"holds no boards: expected \[\[boards\]\] tables",
+    ),
+    (
+        "boards file",
+        "a board without a name",
+        _boards_file('[[boards]]\ncore = "cortex-m4"\n'),
+        r"\[\[boards\]\] number 1: board '\?' lacks key\(s\) name, clock_hz",
+    ),
+]
+
 # Cases edgekiln gets wrong in a file this suite does not own: each runs as a strict xfail, so
 # it fails loudly once fixed and the entry can go.
 KNOWN_BUGS: dict[tuple[str, str], str] = {}
@@ -226,11 +303,12 @@ def test_hostile_recipe_stops_with_a_named_error(
     project, tmp_path, category, case, call, pattern, bug
 ):
     verdict = judge(lambda: call(project, tmp_path / "out"), names=pattern)
-    where = "load_config" if category == "recipe file" else "run"
+    where = {"recipe file": "load_config", "boards file": "load_boards"}.get(category, "run")
     TALLY.record(category, case, where, verdict, known_bug=bug)
     assert verdict.outcome == ERROR_NAMED, str(verdict)
     assert verdict.error == "ConfigError", str(verdict)  # the recipe's own error, by key
     assert not (tmp_path / "out" / "manifest.json").exists()  # nothing looks like a finished run
+    assert not (tmp_path / "out" / "state.json").exists()  # nor like one to resume: --out reusable
 
 
 def test_the_good_recipe_runs(project, tmp_path):
