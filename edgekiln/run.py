@@ -144,7 +144,7 @@ def run(
             _save_state(run_dir, state)
     try:
         return _Run(config, run_dir, state, progress, ctx).go()
-    except BaseException:
+    except Exception:  # not KeyboardInterrupt: an interrupted run stays resumable, from the start
         if not resume and ctx.is_main:
             _forget_unstarted(run_dir, state)
         raise

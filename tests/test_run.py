@@ -391,3 +391,17 @@ def test_a_run_that_failed_after_a_checkpoint_keeps_its_state(tmp_path):
     (tmp_path / STATE_FILE).write_text("{}")
     _forget_unstarted(tmp_path, _State(recipe={}, base=str(tmp_path), epochs={"float": 1}))
     assert (tmp_path / STATE_FILE).is_file() and (tmp_path / "checkpoints" / "float.pt").is_file()
+
+
+def test_an_interrupted_run_keeps_its_state_even_before_a_checkpoint(tmp_path, monkeypatch):
+    """Ctrl-C tells the user to --resume, so an early interrupt must leave state.json behind."""
+    from edgekiln import run as run_module
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_module._Run, "go", interrupted)
+    out = prepare_run_dir(tmp_path / "out")
+    with pytest.raises(KeyboardInterrupt):
+        run(parse_config({}, tmp_path), out)
+    assert (out / "state.json").is_file()
