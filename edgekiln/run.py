@@ -173,13 +173,14 @@ def _forget_unstarted(run_dir: Path, state: _State) -> None:
     """After a run failed before its first stage or checkpoint (a data or model error), take
     back its ``state.json`` so the directory is as empty as it was and the same ``--out``
     works again without ``--force``; a run with anything to resume from is left as it is."""
-    written = [p for p in run_dir.iterdir() if p.name != STATE_FILE]
     checkpoints = run_dir / "checkpoints"
-    if state.completed or state.epochs or (written and written != [checkpoints]):
+    no_checkpoint = checkpoints.is_dir() and not any(checkpoints.iterdir())
+    written = [p for p in run_dir.iterdir() if p.name != STATE_FILE]
+    if no_checkpoint:
+        written.remove(checkpoints)
+    if state.completed or state.epochs or written:
         return
-    if checkpoints.is_dir() and any(checkpoints.iterdir()):
-        return
-    if checkpoints.is_dir():
+    if no_checkpoint:
         checkpoints.rmdir()
     (run_dir / STATE_FILE).unlink(missing_ok=True)
 

@@ -41,7 +41,7 @@ from edgekiln.exporters.onnx import write_onnx
 from edgekiln.exporters.tflite import _Writer, write_tflite
 from edgekiln.formats.tflite import read_tflite
 from edgekiln.ir import Activation, DType, Graph, OpType
-from edgekiln.ir.reference import float_op, run_reference
+from edgekiln.ir.reference import _activate, float_op, run_reference
 from edgekiln.targets.litert import input_batch, run_litert, to_pytorch_layout
 from edgekiln.targets.mcu import simulate
 from edgekiln.targets.onnxruntime import run_onnxruntime
@@ -552,14 +552,6 @@ def _softmax_interval(
         p_lo = 1.0 / np.where(same, 1.0, np.exp(gap + spread)).sum(axis=-1)
     hair = (1e-4 + 2.0**-20 * 4 * z.shape[-1] / s_out) * s_out
     return p_lo - hair, p_hi + hair, np.broadcast_to(delta.max(axis=-1, keepdims=True) > 0, z.shape)
-
-
-def _activate(v: np.ndarray, activation: Activation) -> np.ndarray:
-    if activation == Activation.RELU:
-        return np.maximum(v, 0.0)
-    if activation == Activation.RELU6:
-        return np.clip(v, 0.0, 6.0)
-    return v
 
 
 def _check_end_to_end(

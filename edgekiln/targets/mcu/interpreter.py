@@ -26,6 +26,7 @@ from edgekiln.formats.tflite import TfliteModel, TfliteOperator, TfliteTensor, r
 from edgekiln.targets.mcu import kernels as K
 from edgekiln.targets.mcu.fixedpoint import (
     DOUBLE_ROUNDING,
+    _round_half_away,
     preprocess_softmax_scaling,
     quantize_multiplier,
     quantize_multipliers,
@@ -237,8 +238,8 @@ class _OpContext:
         scale, zp = self.qparams(t)
 
         def q(f: float) -> int:
-            v = float(np.float32(f) / np.float32(scale))  # TfLiteRound of a float32 quotient,
-            return zp + int(np.sign(v) * np.floor(abs(v) + 0.5))  # + 0.5 exact in float64
+            # TfLiteRound of the float32 quotient, rounded as a Python float (exact)
+            return zp + _round_half_away(float(np.float32(f) / np.float32(scale)))
 
         if act == "NONE":
             return K.INT8_MIN, K.INT8_MAX
